@@ -1,0 +1,285 @@
+"""BlockQNN's Q-learning agent as pure, jit-able functions over a dense Q array.
+
+The agent composes a block layer by layer: from the current state (a layer) it picks the next
+layer or the terminal (``space`` defines both). Everything here is a pure function of arrays
+and a PRNG key; nothing holds state between calls.
+
+* ``init_q`` — the Q-table, ``(num_states, max_actions)`` float32, filled with ``q_init``.
+* ``sample_blocks`` — ε-greedy sampling of a whole batch of blocks in one call.
+* ``q_update`` — the backward Watkins update of a batch of (block, reward) pairs,
+  ``Q(s,a) ← (1-α)·Q(s,a) + α·[r_t + γ·max_a' Q(s',a')]`` with the max taken as 0 after the
+  terminal, applied from the last transition to the first, block after block (MetaQNN's
+  order). With ``reward_shaping`` every transition gets ``r_t = R / T_block`` (BlockQNN);
+  without it only the last one gets ``R`` (MetaQNN).
+* ``ReplayMemory`` / ``remember`` / ``replay_update`` — experience replay: after each
+  iteration, re-apply the update to a uniform sample (with replacement) of past pairs.
+* ``EpsilonSchedule`` / ``epsilon_at`` — ε as a function of the iteration.
+
+A batch of blocks is a ``Trajectories``: ``states`` ``(B, T+1)`` int32 state ids, the start
+state first, padded past the terminal by repeating it; ``lengths`` ``(B,)`` the number of
+layers, terminal included (the number of transitions, T_block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockqnn_jax.space import SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class QLearningConfig:
+  """Hyper-parameters of the agent (hashable: pass it as a static argument).
+
+  Attributes:
+    alpha: learning rate α (0.01 in BlockQNN and MetaQNN).
+    gamma: discount γ (1.0).
+    q_init: the constant Q starts at (MetaQNN: 0.5).
+    reward_shaping: BlockQNN's ``r_t = R / T_block`` on every transition; False gives
+      MetaQNN's reward on the last transition only.
+    replay_size: (block, reward) pairs replayed after each iteration (MetaQNN: 128).
+    memory_capacity: most pairs the replay memory keeps; the oldest are overwritten
+      once it is full. The default holds a whole paper-scale search (11,392 blocks).
+  """
+
+  alpha: float = 0.01
+  gamma: float = 1.0
+  q_init: float = 0.5
+  reward_shaping: bool = True
+  replay_size: int = 128
+  memory_capacity: int = 16384
+
+
+@flax.struct.dataclass
+class Trajectories:
+  """A batch of sampled blocks as state-id paths (see the module docstring)."""
+
+  states: jnp.ndarray  # (B, T + 1) int32
+  lengths: jnp.ndarray  # (B,) int32
+
+
+def init_q(space: SearchSpace, q_init: float = 0.5) -> jnp.ndarray:
+  """The Q-table, ``(num_states, max_actions)`` float32, all ``q_init``.
+
+  Entries beyond a state's ``num_actions`` are never read (every read is masked).
+  """
+  return jnp.full((space.num_states, space.max_actions), q_init, dtype=jnp.float32)
+
+
+def legal_mask(space: SearchSpace, states: jnp.ndarray) -> jnp.ndarray:
+  """``(..., max_actions)`` bool: which actions are legal from ``states``."""
+  return jnp.arange(space.max_actions) < space.num_actions[states][..., None]
+
+
+def max_next_q(q: jnp.ndarray, space: SearchSpace, states: jnp.ndarray) -> jnp.ndarray:
+  """``max_a' Q(s, a')`` over legal actions; 0 for terminal states (nothing follows)."""
+  masked = jnp.where(legal_mask(space, states), q[states], -jnp.inf)
+  return jnp.where(space.is_terminal[states], 0.0, masked.max(axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=('num_blocks',))
+def sample_blocks(key: jax.Array, q: jnp.ndarray, space: SearchSpace, epsilon: jax.Array,
+                  num_blocks: int) -> Trajectories:
+  """Samples ``num_blocks`` blocks ε-greedily, all in one call.
+
+  At every step each unfinished block takes, with probability ε, an action drawn uniformly
+  among the legal ones, and otherwise one drawn uniformly among the legal actions tied at
+  the maximum Q.
+
+  Args:
+    key: PRNG key.
+    q: ``(num_states, max_actions)`` Q-table.
+    space: the search space.
+    epsilon: scalar in [0, 1].
+    num_blocks: B, blocks to sample (static).
+
+  Returns:
+    ``Trajectories`` with ``states`` ``(B, T+1)`` and ``lengths`` ``(B,)``.
+  """
+  def step(carry, step_key):
+    state, done, length = carry
+    explore_key, choice_key = jax.random.split(step_key)
+    legal = legal_mask(space, state)
+    values = jnp.where(legal, q[state], -jnp.inf)
+    greedy = legal & (values == values.max(axis=-1, keepdims=True))
+    explore = jax.random.uniform(explore_key, (num_blocks,)) < epsilon
+    allowed = jnp.where(explore[:, None], legal, greedy)
+    action = jax.random.categorical(choice_key, jnp.where(allowed, 0.0, -jnp.inf))
+    next_state = jnp.where(done, state, space.action_offset[state] + action)
+    length = length + (~done).astype(jnp.int32)
+    done = done | space.is_terminal[next_state]
+    return (next_state, done, length), next_state
+
+  start = jnp.zeros((num_blocks,), jnp.int32)
+  init = (start, jnp.zeros((num_blocks,), bool), jnp.zeros((num_blocks,), jnp.int32))
+  keys = jax.random.split(key, space.max_index)
+  (_, _, lengths), path = jax.lax.scan(step, init, keys)
+  states = jnp.concatenate([start[:, None], path.T], axis=1)
+  return Trajectories(states=states, lengths=lengths)
+
+
+def _update_one(q: jnp.ndarray, space: SearchSpace, states: jnp.ndarray, length: jax.Array,
+                reward: jax.Array, config: QLearningConfig) -> jnp.ndarray:
+  """Backward Q-update along one block (``states`` ``(T+1,)``)."""
+  length_f = jnp.maximum(length, 1).astype(jnp.float32)
+
+  def body(i, q):
+    t = space.max_index - 1 - i  # last transition first
+    s, s_next = states[t], states[t + 1]
+    action = s_next - space.action_offset[s]
+    if config.reward_shaping:
+      r = reward / length_f
+    else:
+      r = jnp.where(t == length - 1, reward, 0.0)
+    target = r + config.gamma * max_next_q(q, space, s_next)
+    new = (1.0 - config.alpha) * q[s, action] + config.alpha * target
+    return q.at[s, action].set(jnp.where(t < length, new, q[s, action]))
+
+  return jax.lax.fori_loop(0, space.max_index, body, q)
+
+
+def _q_update(q: jnp.ndarray, space: SearchSpace, trajectories: Trajectories,
+             rewards: jnp.ndarray, config: QLearningConfig = QLearningConfig()) -> jnp.ndarray:
+  """Applies the backward Q-update for each block of the batch, in order.
+
+  Args:
+    q: Q-table (donated: do not reuse the argument after the call).
+    space: the search space.
+    trajectories: B blocks.
+    rewards: ``(B,)`` float rewards R.
+    config: α, γ and reward shaping.
+
+  Returns:
+    The updated Q-table.
+  """
+  def body(q, xs):
+    states, length, reward = xs
+    return _update_one(q, space, states, length, reward, config), None
+
+  xs = (trajectories.states, trajectories.lengths, rewards.astype(jnp.float32))
+  q, _ = jax.lax.scan(body, q, xs)
+  return q
+
+
+q_update = jax.jit(_q_update, static_argnames=('config',), donate_argnames=('q',))
+
+
+@flax.struct.dataclass
+class ReplayMemory:
+  """Past (block, reward) pairs in fixed-size arrays (a ring buffer)."""
+
+  states: jnp.ndarray  # (capacity, T + 1) int32
+  lengths: jnp.ndarray  # (capacity,) int32
+  rewards: jnp.ndarray  # (capacity,) float32
+  size: jnp.ndarray  # () int32, valid entries
+  cursor: jnp.ndarray  # () int32, next slot to write
+
+  @property
+  def capacity(self) -> int:
+    return int(self.rewards.shape[0])
+
+
+def init_memory(space: SearchSpace, capacity: int) -> ReplayMemory:
+  return ReplayMemory(
+      states=jnp.zeros((capacity, space.max_index + 1), jnp.int32),
+      lengths=jnp.zeros((capacity,), jnp.int32),
+      rewards=jnp.zeros((capacity,), jnp.float32),
+      size=jnp.zeros((), jnp.int32),
+      cursor=jnp.zeros((), jnp.int32),
+  )
+
+
+def _remember(memory: ReplayMemory, trajectories: Trajectories,
+             rewards: jnp.ndarray) -> ReplayMemory:
+  """Appends B pairs, overwriting the oldest once the memory is full."""
+  batch = rewards.shape[0]
+  slots = (memory.cursor + jnp.arange(batch)) % memory.capacity
+  return ReplayMemory(
+      states=memory.states.at[slots].set(trajectories.states),
+      lengths=memory.lengths.at[slots].set(trajectories.lengths),
+      rewards=memory.rewards.at[slots].set(rewards.astype(jnp.float32)),
+      size=jnp.minimum(memory.size + batch, memory.capacity),
+      cursor=(memory.cursor + batch) % memory.capacity,
+  )
+
+
+remember = jax.jit(_remember)
+
+
+def _replay_update(key: jax.Array, q: jnp.ndarray, space: SearchSpace, memory: ReplayMemory,
+                  config: QLearningConfig = QLearningConfig()) -> jnp.ndarray:
+  """Re-applies the update to ``config.replay_size`` pairs drawn uniformly from memory.
+
+  An empty memory leaves Q unchanged.
+  """
+  # An empty memory holds only zero-length padding, which the update skips.
+  picks = jax.random.randint(key, (config.replay_size,), 0, jnp.maximum(memory.size, 1))
+  sample = Trajectories(states=memory.states[picks], lengths=memory.lengths[picks])
+  return _q_update(q, space, sample, memory.rewards[picks], config)
+
+
+replay_update = jax.jit(_replay_update, static_argnames=('config',), donate_argnames=('q',))
+
+
+@functools.partial(jax.jit, static_argnames=('config',), donate_argnames=('q',))
+def learn(key: jax.Array, q: jnp.ndarray, memory: ReplayMemory, space: SearchSpace,
+          trajectories: Trajectories, rewards: jnp.ndarray,
+          config: QLearningConfig = QLearningConfig()) -> tuple[jnp.ndarray, ReplayMemory]:
+  """One iteration's learning: remember the new pairs, update on them, then replay."""
+  memory = _remember(memory, trajectories, rewards)
+  q = _q_update(q, space, trajectories, rewards, config)
+  q = _replay_update(key, q, space, memory, config)
+  return q, memory
+
+
+# -- the ε schedule ---------------------------------------------------------------------------
+
+PAPER_EPSILON_SCHEDULE = ((1.0, 95), (0.9, 7), (0.8, 7), (0.7, 7), (0.6, 10), (0.5, 10),
+                          (0.4, 10), (0.3, 10), (0.2, 10), (0.1, 12))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpsilonSchedule:
+  """Piecewise-constant ε: ``phases`` is a sequence of (ε, number of iterations).
+
+  The default is BlockQNN's: 95 iterations at ε=1 then 7, 7, 7, 10, 10, 10, 10, 10, 12 at
+  0.9 .. 0.1 — 178 iterations in all (11,392 blocks at 64 per iteration).
+  """
+
+  phases: tuple[tuple[float, int], ...] = PAPER_EPSILON_SCHEDULE
+
+  def __post_init__(self):
+    phases = tuple((float(e), int(n)) for e, n in self.phases)
+    if not phases:
+      raise ValueError('an ε schedule needs at least one phase')
+    for e, n in phases:
+      if not 0.0 <= e <= 1.0 or n < 0:
+        raise ValueError(f'bad ε phase ({e}, {n}): ε must be in [0, 1], iterations >= 0')
+    object.__setattr__(self, 'phases', phases)
+
+  @property
+  def num_iterations(self) -> int:
+    return sum(n for _, n in self.phases)
+
+  def scaled(self, num_iterations: int) -> 'EpsilonSchedule':
+    """The same phase proportions over ``num_iterations`` (largest-remainder rounding)."""
+    total = self.num_iterations
+    exact = [n * num_iterations / total for _, n in self.phases]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+    for i in order[:num_iterations - sum(counts)]:
+      counts[i] += 1
+    return EpsilonSchedule(tuple((e, c) for (e, _), c in zip(self.phases, counts)))
+
+
+def epsilon_at(schedule: EpsilonSchedule, iteration) -> jax.Array:
+  """ε at a 0-based iteration (array or int); past the end, the last phase's ε."""
+  eps = np.asarray([e for e, _ in schedule.phases], np.float32)
+  ends = np.cumsum([n for _, n in schedule.phases])
+  phase = jnp.searchsorted(jnp.asarray(ends), iteration, side='right')
+  return jnp.asarray(eps)[jnp.minimum(phase, len(eps) - 1)]
