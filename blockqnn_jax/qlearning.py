@@ -63,23 +63,28 @@ class Trajectories:
   lengths: jnp.ndarray  # (B,) int32
 
 
+def legal_mask(space: SearchSpace) -> jnp.ndarray:
+  """``(num_states, max_actions)`` bool: which (state, action) pairs are legal."""
+  return jnp.arange(space.max_actions) < space.num_actions[:, None]
+
+
 def init_q(space: SearchSpace, q_init: float = 0.5) -> jnp.ndarray:
-  """The Q-table, ``(num_states, max_actions)`` float32, all ``q_init``.
+  """The Q-table, ``(num_states, max_actions)`` float32: ``q_init`` where legal, else -inf.
 
-  Entries beyond a state's ``num_actions`` are never read (every read is masked).
+  Illegal entries hold -inf so that a row's plain max is the max over legal actions: the
+  hot loops need no mask. Terminal states' rows are all -inf (nothing follows them).
   """
-  return jnp.full((space.num_states, space.max_actions), q_init, dtype=jnp.float32)
+  return jnp.where(legal_mask(space), jnp.float32(q_init), -jnp.inf)
 
 
-def legal_mask(space: SearchSpace, states: jnp.ndarray) -> jnp.ndarray:
-  """``(..., max_actions)`` bool: which actions are legal from ``states``."""
-  return jnp.arange(space.max_actions) < space.num_actions[states][..., None]
+_GOLDEN = np.uint32(0x9E3779B9)
 
 
-def max_next_q(q: jnp.ndarray, space: SearchSpace, states: jnp.ndarray) -> jnp.ndarray:
-  """``max_a' Q(s, a')`` over legal actions; 0 for terminal states (nothing follows)."""
-  masked = jnp.where(legal_mask(space, states), q[states], -jnp.inf)
-  return jnp.where(space.is_terminal[states], 0.0, masked.max(axis=-1))
+def _mix32(x: jnp.ndarray) -> jnp.ndarray:
+  """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with p ~ 1/2."""
+  x = (x ^ (x >> 16)) * np.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * np.uint32(0xC2B2AE35)
+  return (x ^ (x >> 16)) | np.uint32(1)  # never 0, so a tied action always beats the rest
 
 
 @functools.partial(jax.jit, static_argnames=('num_blocks',))
@@ -93,7 +98,7 @@ def sample_blocks(key: jax.Array, q: jnp.ndarray, space: SearchSpace, epsilon: j
 
   Args:
     key: PRNG key.
-    q: ``(num_states, max_actions)`` Q-table.
+    q: ``(num_states, max_actions)`` Q-table (-inf marks illegal actions, see ``init_q``).
     space: the search space.
     epsilon: scalar in [0, 1].
     num_blocks: B, blocks to sample (static).
@@ -101,50 +106,57 @@ def sample_blocks(key: jax.Array, q: jnp.ndarray, space: SearchSpace, epsilon: j
   Returns:
     ``Trajectories`` with ``states`` ``(B, T+1)`` and ``lengths`` ``(B,)``.
   """
-  def step(carry, step_key):
-    state, done, length = carry
-    explore_key, choice_key = jax.random.split(step_key)
-    legal = legal_mask(space, state)
-    values = jnp.where(legal, q[state], -jnp.inf)
-    greedy = legal & (values == values.max(axis=-1, keepdims=True))
-    explore = jax.random.uniform(explore_key, (num_blocks,)) < epsilon
-    allowed = jnp.where(explore[:, None], legal, greedy)
-    action = jax.random.categorical(choice_key, jnp.where(allowed, 0.0, -jnp.inf))
-    next_state = jnp.where(done, state, space.action_offset[state] + action)
+  # All unfinished blocks are at step t together, so step t reads only the first
+  # step_widths[t] columns of Q: the loop is unrolled with a static width per step, and
+  # every random number is drawn up front in one call (per-step draws cost compile time).
+  coin, explore_bits, seeds = jax.random.bits(key, (3, space.max_index, num_blocks),
+                                              jnp.uint32)
+  explore = coin.astype(jnp.float32) * (1.0 / 2**32) < epsilon
+  state = jnp.zeros((num_blocks,), jnp.int32)
+  done = jnp.zeros((num_blocks,), bool)
+  length = jnp.zeros((num_blocks,), jnp.int32)
+  path = [state]
+  for t, width in enumerate(space.step_widths):
+    values = q[state, :width]
+    # Legal actions are 0 .. num_actions-1: a uniform one is random bits modulo their
+    # number (bias below 2^-22 for any space that fits in memory).
+    num_legal = jnp.maximum(space.num_actions[state], 1).astype(jnp.uint32)  # 0 once done
+    explore_action = explore_bits[t] % num_legal
+    # Among the actions tied at the max, the one with the highest random priority; the
+    # priorities hash (per-block random seed, column), one draw per block, not per action.
+    tied = values == values.max(axis=-1, keepdims=True)
+    priority = _mix32(seeds[t][:, None] ^ (jnp.arange(width, dtype=jnp.uint32) * _GOLDEN))
+    greedy_action = jnp.argmax(jnp.where(tied, priority, 0), axis=-1)
+    action = jnp.where(explore[t], explore_action.astype(jnp.int32), greedy_action)
+    state = jnp.where(done, state, space.action_offset[state] + action)
     length = length + (~done).astype(jnp.int32)
-    done = done | space.is_terminal[next_state]
-    return (next_state, done, length), next_state
-
-  start = jnp.zeros((num_blocks,), jnp.int32)
-  init = (start, jnp.zeros((num_blocks,), bool), jnp.zeros((num_blocks,), jnp.int32))
-  keys = jax.random.split(key, space.max_index)
-  (_, _, lengths), path = jax.lax.scan(step, init, keys)
-  states = jnp.concatenate([start[:, None], path.T], axis=1)
-  return Trajectories(states=states, lengths=lengths)
+    done = done | space.is_terminal[state]
+    path.append(state)
+  return Trajectories(states=jnp.stack(path, axis=1), lengths=length)
 
 
-def _update_one(q: jnp.ndarray, space: SearchSpace, states: jnp.ndarray, length: jax.Array,
-                reward: jax.Array, config: QLearningConfig) -> jnp.ndarray:
-  """Backward Q-update along one block (``states`` ``(T+1,)``)."""
-  length_f = jnp.maximum(length, 1).astype(jnp.float32)
+def _transitions(space: SearchSpace, trajectories: Trajectories, rewards: jnp.ndarray,
+                 config: QLearningConfig):
+  """Everything the update needs that does not depend on Q, computed for all steps at once.
 
-  def body(i, q):
-    t = space.max_index - 1 - i  # last transition first
-    s, s_next = states[t], states[t + 1]
-    action = s_next - space.action_offset[s]
-    if config.reward_shaping:
-      r = reward / length_f
-    else:
-      r = jnp.where(t == length - 1, reward, 0.0)
-    target = r + config.gamma * max_next_q(q, space, s_next)
-    new = (1.0 - config.alpha) * q[s, action] + config.alpha * target
-    return q.at[s, action].set(jnp.where(t < length, new, q[s, action]))
-
-  return jax.lax.fori_loop(0, space.max_index, body, q)
+  Returns ``(B, T)`` arrays: state, action, next state, whether the next state is terminal,
+  reward r_t, and whether step t is a real transition (t < T_block).
+  """
+  states, lengths = trajectories.states, trajectories.lengths
+  s, s_next = states[:, :-1], states[:, 1:]
+  steps = jnp.arange(space.max_index)[None, :]
+  valid = steps < lengths[:, None]
+  action = jnp.clip(s_next - space.action_offset[s], 0, space.max_actions - 1)
+  rewards = rewards.astype(jnp.float32)[:, None]
+  if config.reward_shaping:
+    r = jnp.broadcast_to(rewards / jnp.maximum(lengths, 1)[:, None], valid.shape)
+  else:
+    r = jnp.where(steps == lengths[:, None] - 1, rewards, 0.0)
+  return s, action, s_next, space.is_terminal[s_next], r, valid
 
 
 def _q_update(q: jnp.ndarray, space: SearchSpace, trajectories: Trajectories,
-             rewards: jnp.ndarray, config: QLearningConfig = QLearningConfig()) -> jnp.ndarray:
+              rewards: jnp.ndarray, config: QLearningConfig = QLearningConfig()) -> jnp.ndarray:
   """Applies the backward Q-update for each block of the batch, in order.
 
   Args:
@@ -157,12 +169,27 @@ def _q_update(q: jnp.ndarray, space: SearchSpace, trajectories: Trajectories,
   Returns:
     The updated Q-table.
   """
-  def body(q, xs):
-    states, length, reward = xs
-    return _update_one(q, space, states, length, reward, config), None
+  num_steps = space.max_index
+  columns = jnp.arange(space.max_actions)
 
-  xs = (trajectories.states, trajectories.lengths, rewards.astype(jnp.float32))
-  q, _ = jax.lax.scan(body, q, xs)
+  def one_block(q, xs):
+    s, action, s_next, terminal_next, r, valid = xs  # each (T,)
+    # A path visits each step once, so this block writes row s_{t+1} only at a_{t+1}:
+    # the rest of that row, and every old Q(s_t, a_t), can be read up front in one gather,
+    # leaving a scalar recurrence from the last transition back to the first.
+    next_action = jnp.append(action[1:], -1)
+    rest_max = jnp.where(columns == next_action[:, None], -jnp.inf, q[s_next]).max(axis=-1)
+    old = q[s, action]
+    new = [None] * num_steps
+    for t in reversed(range(num_steps)):
+      if t == num_steps - 1:
+        next_value = 0.0  # s_T can only be a terminal
+      else:
+        next_value = jnp.where(terminal_next[t], 0.0, jnp.maximum(rest_max[t], new[t + 1]))
+      new[t] = (1.0 - config.alpha) * old[t] + config.alpha * (r[t] + config.gamma * next_value)
+    return q.at[s, action].set(jnp.where(valid, jnp.stack(new), old)), None
+
+  q, _ = jax.lax.scan(one_block, q, _transitions(space, trajectories, rewards, config))
   return q
 
 

@@ -44,6 +44,10 @@ class SearchSpace:
     is_terminal: ``(num_states,)`` bool.
     max_index: T, the longest possible block (terminal included); static.
     max_actions: width of the Q-table; static.
+    step_widths: ``step_widths[t]`` is the most actions any state at step t has (a state at
+      step t is the t-th of a path, start state = step 0); static. Every path visits each
+      step once, which is what lets ``qlearning`` slice Q per step and update a whole block
+      in one vectorised pass.
     grammar: the NSC grammar the space enumerates; static (``None`` for non-NSC spaces).
   """
 
@@ -53,6 +57,7 @@ class SearchSpace:
   is_terminal: jnp.ndarray
   max_index: int = flax.struct.field(pytree_node=False)
   max_actions: int = flax.struct.field(pytree_node=False)
+  step_widths: tuple[int, ...] = flax.struct.field(pytree_node=False)
   grammar: nsc.Grammar | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
@@ -140,5 +145,6 @@ def build_space(grammar: nsc.Grammar = nsc.Grammar()) -> SearchSpace:
       is_terminal=jnp.asarray(is_terminal),
       max_index=T,
       max_actions=int(num_actions.max()),
+      step_widths=tuple(int(num_actions[index == i].max()) for i in range(T)),
       grammar=grammar,
   )
