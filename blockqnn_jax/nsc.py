@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from typing import Iterable, Sequence
 
 
@@ -106,17 +107,19 @@ class Grammar:
   layer_types: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 
   def __post_init__(self):
+    if isinstance(self.max_index, bool) or not isinstance(self.max_index, int):
+      raise ValueError(f'max_index must be an integer, got {self.max_index!r}')
     if self.max_index < 2:
       raise ValueError(f'max_index must be at least 2 (one layer and the terminal), '
                        f'got {self.max_index}')
-    types = tuple(int(t) for t in self.layer_types)
+    types = tuple(dict.fromkeys(int(t) for t in self.layer_types))  # dedupe, keep order
     for t in types:
       if t not in LayerType.__members__.values() or t == LayerType.TERMINAL:
         raise ValueError(f'layer_types may hold the codes 1..6, got {t}')
     if not types:
       raise ValueError('layer_types is empty: the grammar allows no layer')
     for name in ('conv_kernels', 'max_pool_kernels', 'avg_pool_kernels'):
-      kernels = tuple(int(k) for k in getattr(self, name))
+      kernels = tuple(dict.fromkeys(int(k) for k in getattr(self, name)))
       if any(k < 1 for k in kernels):
         raise ValueError(f'{name} must hold positive sizes, got {kernels}')
       object.__setattr__(self, name, kernels)
@@ -150,7 +153,9 @@ class Layer:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if isinstance(value, bool) or not isinstance(value, int):
+      if isinstance(value, bool):
+        raise NSCError(f'{field.name} must be an integer, got {value!r}', rule='integer')
+      if not isinstance(value, int):
         try:
           as_int = int(value)
         except (TypeError, ValueError):
@@ -219,7 +224,7 @@ class Block:
     bracketed form ``[(1,1,3,0,0), (2,7,0,0,0)]``. Parsing checks the form only; call
     ``validate`` for the grammar.
     """
-    cleaned = text.strip()
+    cleaned = re.sub(r'\s*,\s*', ',', text.strip())  # '1, 1, 3, 0, 0' is one layer
     if cleaned.startswith('[') and cleaned.endswith(']'):
       cleaned = cleaned[1:-1].replace('),', ');').replace('(', ' ').replace(')', ' ')
     chunks = [c for c in cleaned.replace(';', ' ').split() if c]
@@ -227,8 +232,8 @@ class Block:
       raise NSCError('empty NSC text', rule='empty')
     layers = []
     for position, chunk in enumerate(chunks, start=1):
-      fields = [f for f in chunk.split(',') if f != '']
-      if len(fields) != 5:
+      fields = chunk.split(',')
+      if len(fields) != 5 or '' in fields:
         raise NSCError(f'expected 5 comma-separated fields (index,type,kernel,pred1,pred2), '
                        f'got {chunk!r}', layer=position, rule='fields')
       try:
@@ -260,7 +265,10 @@ class Block:
       if not isinstance(row, (list, tuple)) or len(row) != 5:
         raise NSCError(f'expected a list of 5 integers, got {row!r}', layer=position,
                        rule='fields')
-      layers.append(Layer(*row))
+      try:
+        layers.append(Layer(*row))
+      except NSCError as e:
+        raise NSCError(str(e), layer=position, rule=e.rule) from None
     return cls(tuple(layers))
 
   def __str__(self) -> str:
