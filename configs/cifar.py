@@ -1,0 +1,120 @@
+"""BlockQNN search on CIFAR: the paper's settings, and smaller presets of the same file.
+
+  --config=configs/cifar.py          the paper's search (reconstructed values marked below)
+  --config=configs/cifar.py:smoke    the same program sized for a 2-core CPU
+  --config.space.max_index=11        any field can be overridden on the command line
+
+Each section mirrors a dataclass of the library, so ``nsc.Grammar(**config.space)`` and
+``qlearning.QLearningConfig(**config.agent)`` build the pure objects from it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from blockqnn_jax.qlearning import PAPER_EPSILON_SCHEDULE
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config of ``preset``: '' or 'paper' (default) or 'smoke'."""
+  preset = preset or 'paper'
+  config = ml_collections.ConfigDict()
+  config.preset = preset
+  config.seed = 0
+
+  # The NSC grammar (nsc.Grammar). T = 23 is the best recollection of the paper
+  # [reconstructed]; reimplementations use 10 or 11.
+  config.space = ml_collections.ConfigDict(dict(
+      max_index=23,
+      conv_kernels=(1, 3, 5),
+      max_pool_kernels=(1, 3),
+      avg_pool_kernels=(1, 3),
+      layer_types=(1, 2, 3, 4, 5, 6),
+  ))
+
+  # The Q-learning agent (qlearning.QLearningConfig): α, γ and Q's start as in MetaQNN.
+  config.agent = ml_collections.ConfigDict(dict(
+      alpha=0.01,
+      gamma=1.0,
+      q_init=0.5,
+      reward_shaping=True,
+      replay_size=128,
+      memory_capacity=16384,
+  ))
+
+  # (ε, iterations at it): BlockQNN's 178 iterations of 64 blocks.
+  config.search = ml_collections.ConfigDict(dict(
+      blocks_per_iteration=64,
+      epsilon_schedule=PAPER_EPSILON_SCHEDULE,
+  ))
+
+  # The network a candidate block is stacked into during the search: stem, three stages of
+  # N blocks at F, 2F, 4F. N = 2 for the search network is [reconstructed] (the final
+  # networks use N = 4); F = 32 as in reimplementations. The paper searched on CIFAR-100.
+  config.network = ml_collections.ConfigDict(dict(
+      num_blocks=2,
+      features=32,
+      num_classes=100,
+      image_size=32,
+      # One scanned body for blocks 2..N of a stage: fewer ops to compile, but on CPU it
+      # only breaks even around N = 8 (benchmarks/evaluate.py); worth trying on GPU/TPU.
+      scan_blocks=False,
+  ))
+
+  # Where the images come from (data.load_splits). The search holds its validation split
+  # out of the training data; the test split is never used by the search.
+  config.data = ml_collections.ConfigDict(dict(
+      source='tfds',
+      name='cifar100',
+      path='',
+      validation_size=5000,
+      max_train=0,  # 0 = all
+  ))
+
+  # Early-stop training of each candidate (train.TrainConfig): 12 epochs of Adam, lr 1e-3
+  # multiplied by 0.2 every 5 epochs, batch 256; bf16 compute on GPU/TPU.
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=12,
+      batch_size=256,
+      learning_rate=1e-3,
+      lr_decay=0.2,
+      lr_decay_epochs=5,
+      b1=0.9,
+      b2=0.999,
+      weight_decay=0.0,
+      compute_dtype='auto',
+      augment=True,
+      eval_batch_size=1000,
+      prng_impl='rbg',
+  ))
+
+  # reward = accuracy - mu * log(FLOPs / reference) - rho * log(density) [reconstructed];
+  # see train.RewardConfig for the normalisation. mu = rho = 0 is plain accuracy.
+  config.reward = ml_collections.ConfigDict(dict(mu=0.01, rho=0.02))
+
+  # How candidates are spread over the local devices (executor.LocalExecutor).
+  config.executor = ml_collections.ConfigDict(dict(
+      devices_per_candidate=1,
+      compile_ahead=True,
+  ))
+
+  if preset == 'smoke':
+    config.space.max_index = 6
+    config.agent.replay_size = 16
+    config.agent.memory_capacity = 1024
+    config.search.blocks_per_iteration = 4
+    config.search.epsilon_schedule = ((1.0, 3), (0.5, 2), (0.1, 2))
+    config.network.num_blocks = 1
+    config.network.features = 8
+    config.network.num_classes = 10
+    # scikit-learn's bundled 8x8 digits: runs offline on any machine. For real images pass
+    # --config.data.source=npz --config.data.path=PATH/cifar10-exact-subset.npz
+    config.data.source = 'digits'
+    config.data.name = 'digits'
+    config.data.validation_size = 200
+    config.train.epochs = 2
+    config.train.batch_size = 64
+    config.train.eval_batch_size = 200
+  elif preset != 'paper':
+    raise ValueError(f'unknown preset {preset!r}: use "paper" or "smoke"')
+  return config
