@@ -1,0 +1,118 @@
+r"""Where a candidate's time goes: compile, train, eval, other — and compile-ahead's payoff.
+
+For a fixed list of blocks (small to large) this prints, per candidate, the wall time split
+into compile / train / eval / other, training images per second, and the fraction of the
+candidate's time the device spent training. Then it runs the same list through the
+executor twice in this one process — compiling each next candidate while the current one
+trains, and strictly one after the other — and prints candidates per hour for both and
+their ratio. Every block is a new XLA program, so compile time is the number to watch.
+
+  # CPU, smoke scale (digits ship with scikit-learn):
+  python -m benchmarks.evaluate
+  # real CIFAR-10 pixels from a path, GPU at paper fidelity (12 epochs, batch 256):
+  python -m benchmarks.evaluate --data=npz:../shared/data/cifar10-exact-subset.npz \
+      --epochs=12 --batch_size=256 --features=32 --num_blocks=2 --validation_size=500
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+
+from blockqnn_jax import data as data_lib
+from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import nsc
+from blockqnn_jax import train as train_lib
+
+# Small to large: one conv, the residual block, the Inception-like block, a deep mixed block.
+BLOCKS = (
+    '1,1,3,0,0 2,7,0,0,0',
+    '1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,1,3 5,7,0,0,0',
+    '1,1,1,0,0 2,1,3,0,0 3,1,5,0,0 4,2,3,0,0 5,1,1,4,0 6,7,0,0,0',
+    '1,1,3,0,0 2,1,1,1,0 3,3,3,0,0 4,1,5,3,0 5,6,0,2,4 6,1,3,5,0 7,5,0,1,6 8,2,3,7,0 '
+    '9,1,3,8,0 10,7,0,0,0',
+)
+
+_DATA = flags.DEFINE_string('data', 'digits', "'digits', or 'SOURCE:PATH' such as "
+                            "'npz:../shared/data/cifar10-exact-subset.npz'.")
+_VALIDATION = flags.DEFINE_float('validation_size', 0.1, 'Count (>= 1) or fraction.')
+_MAX_TRAIN = flags.DEFINE_integer('max_train', None, 'Cap on training images read.')
+_EPOCHS = flags.DEFINE_integer('epochs', 2, 'Epochs per candidate (the paper: 12).')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size (the paper: 256).')
+_FEATURES = flags.DEFINE_integer('features', 8, 'F, the first stage width (search: 32).')
+_NUM_BLOCKS = flags.DEFINE_integer('num_blocks', 1, 'N, blocks per stage.')
+_DTYPE = flags.DEFINE_string('compute_dtype', 'auto', "'auto', 'float32' or 'bfloat16'.")
+_SCAN = flags.DEFINE_bool('scan_blocks', False, 'Blocks 2..N of a stage under nn.scan.')
+_COMPARE = flags.DEFINE_bool('compare_compile_ahead', True,
+                             'Also time the executor with and without compile-ahead.')
+
+
+def _config(num_classes: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.train = dict(epochs=_EPOCHS.value, batch_size=_BATCH.value,
+                      compute_dtype=_DTYPE.value)
+  config.reward = dict(mu=0.01, rho=0.02)
+  config.network = dict(num_blocks=_NUM_BLOCKS.value, features=_FEATURES.value,
+                        num_classes=num_classes, image_size=32, scan_blocks=_SCAN.value)
+  return config
+
+
+def _load() -> data_lib.ImageSplits:
+  source, _, path = _DATA.value.partition(':')
+  size = _VALIDATION.value if _VALIDATION.value < 1 else int(_VALIDATION.value)
+  return data_lib.load_splits(source, path=path or None, validation_size=size,
+                              max_train=_MAX_TRAIN.value)
+
+
+def _throughput(splits, config, blocks, compile_ahead: bool) -> float:
+  """Candidates per hour through the executor (its own compile cache, started cold)."""
+  with executor_lib.LocalExecutor(splits, config, devices=jax.local_devices()[:1],
+                                  compile_ahead=compile_ahead) as executor:
+    start = time.perf_counter()
+    results = executor.map(blocks, seeds=range(len(blocks)))
+    elapsed = time.perf_counter() - start
+  failed = [r.failure_reason for r in results if not r.ok]
+  if failed:
+    raise RuntimeError(f'candidates failed: {failed}')
+  return len(blocks) / elapsed * 3600
+
+
+def main(argv):
+  del argv
+  splits = _load()
+  config = _config(splits.num_classes)
+  device = jax.local_devices()[0]
+  print(f'device={device.device_kind} ({device.platform}) data={splits.name} '
+        f'train={len(splits.train_labels)} val={len(splits.val_labels)} '
+        f'image={splits.image_shape} epochs={_EPOCHS.value} batch={_BATCH.value} '
+        f'F={_FEATURES.value} N={_NUM_BLOCKS.value}')
+  blocks = [nsc.parse(b, nsc.Grammar(max_index=23)) for b in BLOCKS]
+
+  trainer = train_lib.CandidateTrainer(
+      train_lib.DeviceGroup.place(splits, [device]), train_lib.TrainConfig(**config.train),
+      train_lib.RewardConfig(**config.reward), config.network)
+  print(f'\n{"layers":>6} {"params":>9} {"compile s":>9} {"train s":>8} {"eval s":>7} '
+        f'{"other s":>8} {"total s":>8} {"img/s":>8} {"train %":>8} {"val acc":>8}')
+  for block in blocks:
+    r = trainer.evaluate(block)
+    if not r.ok:
+      print(f'{len(block.body):>6} failed: {r.failure_reason}')
+      continue
+    other = r.total_s - r.compile_s - r.train_s - r.eval_s
+    print(f'{len(block.body):>6} {r.params:>9,} {r.compile_s:>9.2f} {r.train_s:>8.2f} '
+          f'{r.eval_s:>7.2f} {other:>8.2f} {r.total_s:>8.2f} {r.images_per_s:>8.0f} '
+          f'{100 * r.train_s / r.total_s:>7.1f}% {r.val_accuracy:>8.3f}')
+
+  if _COMPARE.value:
+    ahead = _throughput(splits, config, blocks, compile_ahead=True)
+    serial = _throughput(splits, config, blocks, compile_ahead=False)
+    print(f'\ncandidates/hour on one device: compile-ahead {ahead:.0f}, one after the other '
+          f'{serial:.0f}, ratio {ahead / serial:.2f}x')
+
+
+if __name__ == '__main__':
+  app.run(main)

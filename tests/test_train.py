@@ -1,0 +1,180 @@
+"""Candidate evaluation: results, failures as results, compile cache, multi-device runs."""
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from blockqnn_jax import cost
+from blockqnn_jax import data as data_lib
+from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import nsc
+from blockqnn_jax import train as train_lib
+
+RESIDUAL = nsc.RESIDUAL_BLOCK
+SMALL = nsc.parse('1,1,3,0,0 2,7,0,0,0')
+
+
+def _easy_splits(num_train=256, num_val=64, size=8, seed=0):
+  """Two classes a small network separates in a few epochs: bright vs dark top half."""
+  rng = np.random.default_rng(seed)
+
+  def make(n):
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    images = rng.integers(0, 100, (n, size, size, 3)).astype(np.uint8)
+    images[labels == 1, : size // 2] += 120
+    return images, labels
+
+  (xt, yt), (xv, yv) = make(num_train), make(num_val)
+  empty = np.zeros((0, size, size, 3), np.uint8)
+  return data_lib.ImageSplits(train_images=xt, train_labels=yt, val_images=xv, val_labels=yv,
+                              test_images=empty, test_labels=np.zeros((0,), np.int32),
+                              num_classes=2, class_names=('dark', 'bright'), name='easy')
+
+
+def _config(**train):
+  config = ml_collections.ConfigDict()
+  config.train = dict(epochs=6, batch_size=32, learning_rate=3e-3, lr_decay_epochs=5,
+                      augment=False, eval_batch_size=48)
+  config.train.update(train)
+  config.reward = dict(mu=0.01, rho=0.02)
+  config.network = dict(num_blocks=1, features=4, num_classes=2, image_size=8,
+                        scan_blocks=False)
+  return config
+
+
+@pytest.fixture(scope='module')
+def splits():
+  return _easy_splits()
+
+
+@pytest.fixture(scope='module')
+def trainer(splits):
+  config = _config()
+  group = train_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
+  return train_lib.CandidateTrainer(group, train_lib.TrainConfig(**config.train),
+                                    train_lib.RewardConfig(**config.reward), config.network)
+
+
+def test_evaluate_reports_everything(trainer):
+  result = trainer.evaluate(RESIDUAL)
+  assert result.ok, result.failure_reason
+  assert 0.0 <= result.val_accuracy <= 1.0
+  spec = train_lib.build_spec(RESIDUAL, trainer.network_config)
+  assert result.params == cost.network_params(spec)
+  assert result.density == pytest.approx(RESIDUAL.density())
+  flops, reference = train_lib.block_cost_terms(RESIDUAL, spec)
+  assert result.flops == flops
+  # Residual block at F=4, 8x8: two 3x3 convs 4->4 = 2 * (2*9*4*4*64) = 2 * reference.
+  assert flops == 2 * reference
+  expected = (result.val_accuracy - 0.01 * math.log(2.0) - 0.02 * math.log(RESIDUAL.density()))
+  assert result.reward == pytest.approx(expected)
+  assert result.compile_s > 0 and result.train_s > 0 and result.eval_s > 0
+  assert result.total_s >= result.train_s + result.eval_s
+  assert np.isfinite(result.final_loss) and result.device == 'cpu:0'
+
+
+def test_reward_floor_and_plain_accuracy():
+  config = train_lib.RewardConfig(mu=0.5, rho=0.0)
+  # Cheaper than the reference: no bonus.
+  assert train_lib.compute_reward(0.7, 10, 100, 1.0, config) == pytest.approx(0.7)
+  assert train_lib.compute_reward(0.7, 1000, 100, 2.0, train_lib.RewardConfig(0, 0)) == 0.7
+
+
+def test_training_learns_the_easy_task(trainer):
+  result = trainer.evaluate(RESIDUAL, seed=1)
+  assert result.ok and result.val_accuracy > 0.9, result
+
+
+def test_equivalent_block_reuses_the_compiled_programs(trainer):
+  swapped = nsc.parse('1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,3,1 5,7,0,0,0')  # add preds swapped
+  trainer.evaluate(RESIDUAL)
+  result = trainer.evaluate(swapped)
+  assert result.ok and result.compile_cached and result.compile_s == 0.0
+
+
+def test_invalid_block_is_a_failed_result(trainer):
+  result = trainer.evaluate(nsc.Block.parse('1,1,3,0,0 2,1,4,1,0 3,7,0,0,0'))
+  assert result.status == 'failed'
+  assert result.failure_reason.startswith('invalid block: layer 2: kernel 4')
+
+
+def test_divergence_is_a_failed_result(splits):
+  # Adam steps of 1e30 overflow float32 within the first epoch.
+  result = train_lib.evaluate(SMALL, _config(learning_rate=1e30, epochs=1), splits)
+  assert result.status == 'failed', result
+  assert result.failure_reason.startswith('diverged: training loss is nan in epoch 1')
+
+
+def test_out_of_memory_is_a_failed_result(trainer, monkeypatch):
+  compiled, _ = trainer.compile(RESIDUAL)
+
+  class Exhausted:
+    def __call__(self, *args):
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB.')
+
+  monkeypatch.setattr(compiled, 'train', Exhausted())
+  result = trainer.evaluate(RESIDUAL, compiled=(compiled, True))
+  assert result.status == 'failed' and result.failure_reason.startswith('out of memory')
+
+
+def test_eight_candidates_on_eight_devices(splits):
+  devices = jax.local_devices()
+  assert len(devices) == 8
+  # Cheap-to-compile blocks: every device compiles its own programs.
+  blocks = [nsc.parse(f'1,{t},{k},0,0 2,7,0,0,0') for t, k in
+            ((4, 0), (2, 1), (2, 3), (3, 1), (3, 3))]
+  blocks += [nsc.parse('1,4,0,0,0 2,4,0,1,0 3,7,0,0,0'), nsc.parse('1,4,0,0,0 2,5,0,0,1 3,7,0,0,0'),
+             nsc.parse('1,4,0,0,0 2,6,0,0,1 3,7,0,0,0')]
+  with executor_lib.LocalExecutor(splits, _config(epochs=1), devices) as executor:
+    assert executor.num_workers == 8
+    futures = [executor.submit(b, seed=i) for i, b in enumerate(blocks)]
+    results = [f.result() for f in futures]
+    assert 0.0 < executor.utilisation() <= 1.0
+  assert all(r.ok for r in results), [r.failure_reason for r in results]
+  assert [r.block for r in results] == [b.to_text() for b in blocks]
+  assert len({r.device for r in results}) >= 4  # spread over the devices, not queued on one
+
+
+def test_data_parallel_matches_single_device(splits, trainer):
+  one = trainer.evaluate(RESIDUAL)
+  four = train_lib.evaluate(RESIDUAL, _config(), splits, devices=jax.local_devices()[:4])
+  assert one.ok and four.ok
+  assert four.device == 'cpu:0,cpu:1,cpu:2,cpu:3'
+  np.testing.assert_allclose(four.final_loss, one.final_loss, rtol=2e-3)
+  assert abs(four.val_accuracy - one.val_accuracy) <= 2 / 64  # at most two images differ
+
+
+def test_persistent_compilation_cache(trainer, tmp_path):
+  """A second compile of the same candidate, with a cold in-memory cache, reads the disk."""
+  train_lib.enable_persistent_compilation_cache(tmp_path)
+  try:
+    fresh = lambda: train_lib.CandidateTrainer(trainer.group, trainer.train_config,
+                                               trainer.reward_config, trainer.network_config)
+    fresh().compile(SMALL)
+    written = set(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith('jit_train') for name in written)
+    _, cached_in_memory = fresh().compile(SMALL)
+    assert not cached_in_memory
+    assert set(p.name for p in tmp_path.iterdir()) == written  # nothing compiled anew
+  finally:
+    train_lib.enable_persistent_compilation_cache(None)
+
+
+def test_bfloat16_compute_path_runs_on_cpu(splits):
+  """The GPU/TPU precision (bf16 activations, fp32 parameters), exercised here on CPU."""
+  result = train_lib.evaluate(SMALL, _config(compute_dtype='bfloat16', epochs=2), splits)
+  assert result.ok and np.isfinite(result.final_loss), result
+
+
+def test_real_cifar10_pixels_end_to_end(shared_data):
+  splits = data_lib.load_splits('npz', path=str(shared_data / 'cifar10-exact-subset.npz'),
+                                validation_size=200, max_train=1200, seed=0)
+  config = _config(epochs=1, batch_size=100, augment=True, eval_batch_size=100)
+  config.network.num_classes = 10
+  config.network.image_size = 32
+  result = train_lib.evaluate(SMALL, config, splits)
+  assert result.ok, result.failure_reason
+  assert 0.0 <= result.val_accuracy <= 1.0 and result.params > 0
