@@ -1,0 +1,68 @@
+r"""Runs (or resumes) a BlockQNN search.
+
+  python -m experiments.search --config=configs/cifar.py:smoke --workdir=workdirs/smoke
+  python -m experiments.search --config=configs/cifar.py --workdir=workdirs/cifar100 \
+      --config.data.source=npz --config.data.path=PATH/cifar10-exact-subset.npz
+
+Running the same command on the same workdir continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from blockqnn_jax import data as data_lib
+from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import nsc
+from blockqnn_jax import search as search_lib
+from blockqnn_jax import train as train_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
+                                          'Search config (file[:preset]).')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/smoke', 'Where results and state live.')
+_ALLOW = flags.DEFINE_bool('allow_config_change', False,
+                           'Continue a workdir whose stored config differs.')
+_MAX_ITERATIONS = flags.DEFINE_integer('max_iterations', None,
+                                       'Stop after this many iterations (resumable).')
+_PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  workdir = Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  # Programs of candidates in flight at a kill are reloaded, not recompiled, on resume.
+  train_lib.enable_persistent_compilation_cache(workdir / 'compile_cache')
+  splits = data_lib.load_splits(
+      config.data.source, name=config.data.name, path=config.data.path or None,
+      validation_size=config.data.validation_size, seed=config.seed,
+      max_train=config.data.max_train or None)
+  logging.info('data %s: %d train / %d validation images of %s', splits.name,
+               len(splits.train_labels), len(splits.val_labels), splits.image_shape)
+  with executor_lib.LocalExecutor(
+      splits, config, devices=jax.local_devices(),
+      devices_per_candidate=config.executor.devices_per_candidate,
+      compile_ahead=config.executor.compile_ahead,
+      grammar=nsc.Grammar(**config.space)) as executor:
+    summary = search_lib.run_search(config, workdir, executor,
+                                    allow_config_change=_ALLOW.value,
+                                    max_iterations=_MAX_ITERATIONS.value,
+                                    progress=_PROGRESS.value)
+  best = summary.best
+  print(f'iterations {summary.iterations_done}, candidates {summary.candidates} '
+        f'(trained {summary.trained}, reused {summary.cached}, failed {summary.failed}), '
+        f'cache hit rate {summary.cache_hit_rate:.1%}, {summary.wall_s:.0f} s')
+  if best is not None:
+    print(f'best reward {best.reward:.4f} (accuracy {best.val_accuracy:.4f}): {best.nsc}')
+  print(f'results: {workdir / "search.sqlite"}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,199 @@
+"""The search loop: resume after an interrupt (also a real kill -9), reuse, config guard."""
+
+import concurrent.futures
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from blockqnn_jax import canonical
+from blockqnn_jax import search as search_lib
+from blockqnn_jax import store as store_lib
+from blockqnn_jax.train import EvalResult
+from configs import cifar
+
+
+def _config(iterations=((1.0, 3), (0.5, 2), (0.1, 2)), blocks=4, max_index=4):
+  config = cifar.get_config('smoke')
+  config.space.max_index = max_index
+  config.search.blocks_per_iteration = blocks
+  config.search.epsilon_schedule = iterations
+  config.agent.replay_size = 8
+  return config
+
+
+class ScoringExecutor:
+  """Stands in for training: a deterministic reward per canonical block, instantly.
+
+  It counts what it was asked to train, so tests can tell whether anything trained twice.
+  Blocks with a 5x5 convolution "fail", to exercise failures as results.
+  """
+
+  def __init__(self):
+    self.submitted = []
+
+  def submit(self, block, seed=0):
+    key = canonical.canonical_key(block)
+    self.submitted.append(key)
+    score = int(hashlib.sha256(key.encode()).hexdigest()[:6], 16) / 16**6
+    future = concurrent.futures.Future()
+    if any(l.type == 1 and l.kernel == 5 for l in block.layers):
+      future.set_result(EvalResult(block.to_text(), key, 'failed',
+                                   failure_reason='error: RuntimeError: boom'))
+    else:
+      future.set_result(EvalResult(block.to_text(), key, 'ok', val_accuracy=score,
+                                   reward=score, flops=1, density=1.0, params=1))
+    return future
+
+
+def _rows(workdir):
+  store = store_lib.ResultsStore(workdir)
+  rows = [(c.iteration, c.position, c.nsc, c.reward, c.status) for c in store.candidates()]
+  next_iteration, arrays = store.load_agent()
+  store.close()
+  return rows, next_iteration, arrays
+
+
+def test_search_records_every_candidate_and_never_trains_a_block_twice(tmp_path):
+  executor = ScoringExecutor()
+  summary = search_lib.run_search(_config(), tmp_path, executor, progress=False)
+  assert summary.iterations_done == 7 and summary.candidates == 28
+  assert len(executor.submitted) == len(set(executor.submitted)) == summary.trained
+  assert summary.trained + summary.cached == 28
+  store = store_lib.ResultsStore(tmp_path)
+  by_key = {}
+  for c in store.candidates():
+    by_key.setdefault(c.canonical_key, set()).add((c.status, c.reward))
+  assert all(len(v) == 1 for v in by_key.values())  # a reused reward is the trained one
+  assert summary.failed == store.count("WHERE status = 'failed'")
+  assert (tmp_path / 'tensorboard').is_dir() and any((tmp_path / 'tensorboard').iterdir())
+
+
+@pytest.mark.parametrize('stop_at', [(0, 0), (2, 1), (4, 3)])
+def test_interrupted_search_resumes_exactly(tmp_path, stop_at):
+  config = _config()
+  reference = tmp_path / 'reference'
+  search_lib.run_search(config, reference, ScoringExecutor(), progress=False)
+
+  def interrupt(iteration, position, result):
+    if (iteration, position) == stop_at:
+      raise KeyboardInterrupt
+
+  interrupted = tmp_path / 'interrupted'
+  with pytest.raises(KeyboardInterrupt):
+    search_lib.run_search(config, interrupted, ScoringExecutor(), progress=False,
+                          on_recorded=interrupt)
+  store = store_lib.ResultsStore(interrupted)
+  finished = {c.canonical_key for c in store.candidates() if not c.cached}
+  store.close()
+  assert finished
+  resumed = ScoringExecutor()
+  search_lib.run_search(config, interrupted, resumed, progress=False)
+
+  rows, next_iteration, arrays = _rows(interrupted)
+  ref_rows, ref_next, ref_arrays = _rows(reference)
+  assert rows == ref_rows and next_iteration == ref_next == 7
+  np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])  # same Q, bit for bit
+  # Nothing finished was trained again, and nothing twice.
+  assert not set(resumed.submitted) & finished
+  assert len(resumed.submitted) == len(set(resumed.submitted))
+
+
+def test_changed_config_is_refused_unless_allowed(tmp_path):
+  search_lib.run_search(_config(), tmp_path, ScoringExecutor(), max_iterations=1,
+                        progress=False)
+  changed = _config()
+  changed.agent.alpha = 0.5
+  with pytest.raises(search_lib.ConfigMismatch, match='agent.alpha'):
+    search_lib.run_search(changed, tmp_path, ScoringExecutor(), progress=False)
+  summary = search_lib.run_search(changed, tmp_path, ScoringExecutor(), max_iterations=1,
+                                  allow_config_change=True, progress=False)
+  assert summary.iterations_done == 2
+  moved = changed.copy_and_resolve_references()
+  moved.executor.devices_per_candidate = 2  # how, not what: resumes without the flag
+  summary = search_lib.run_search(moved, tmp_path, ScoringExecutor(), max_iterations=1,
+                                  progress=False)
+  assert summary.iterations_done == 3
+
+
+_KILLABLE = textwrap.dedent('''
+    import concurrent.futures, hashlib, sys, time
+    from blockqnn_jax import canonical, search
+    from blockqnn_jax.train import EvalResult
+    from configs import cifar
+
+    class SlowExecutor:
+      def submit(self, block, seed=0):
+        key = canonical.canonical_key(block)
+        with open(sys.argv[2], 'a') as log:
+          log.write(key + '\\n')
+        time.sleep(0.05)
+        score = int(hashlib.sha256(key.encode()).hexdigest()[:6], 16) / 16**6
+        future = concurrent.futures.Future()
+        future.set_result(EvalResult(block.to_text(), key, 'ok', val_accuracy=score,
+                                     reward=score, flops=1, density=1.0, params=1))
+        return future
+
+    config = cifar.get_config('smoke')
+    config.space.max_index = 5
+    config.search.blocks_per_iteration = 6
+    config.search.epsilon_schedule = ((1.0, 6), (0.3, 6))
+    search.run_search(config, sys.argv[1], SlowExecutor(), progress=False)
+''')
+
+
+def test_kill_9_loses_only_candidates_in_flight(tmp_path):
+  script = tmp_path / 'search_script.py'
+  script.write_text(_KILLABLE)
+  env = {**os.environ, 'PYTHONPATH': os.getcwd(), 'JAX_PLATFORMS': 'cpu'}
+  run = lambda workdir, log: subprocess.Popen([sys.executable, str(script), str(workdir),
+                                               str(log)], env=env)
+  reference, killed = tmp_path / 'reference', tmp_path / 'killed'
+  assert run(reference, tmp_path / 'ref.log').wait(timeout=300) == 0
+
+  process = run(killed, tmp_path / 'first.log')
+  deadline = time.time() + 120
+  while time.time() < deadline:  # kill it mid-search, once a few candidates are recorded
+    if (killed / 'search.sqlite').exists():
+      store = store_lib.ResultsStore(killed)
+      done = store.count()
+      store.close()
+      if done >= 20:
+        break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  store = store_lib.ResultsStore(killed)
+  recorded_before = {c.canonical_key for c in store.candidates() if not c.cached}
+  assert 20 <= store.count() < 72  # killed mid-search: 12 iterations x 6 blocks in all
+  store.close()
+  assert run(killed, tmp_path / 'second.log').wait(timeout=300) == 0
+
+  rows, _, arrays = _rows(killed)
+  ref_rows, _, ref_arrays = _rows(reference)
+  assert rows == ref_rows
+  np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])
+  retrained = set((tmp_path / 'second.log').read_text().split())
+  assert not retrained & recorded_before  # no finished candidate trained again
+
+
+def test_the_readme_search_command_runs(tmp_path):
+  """The main job as a new user runs it (smoke preset, digits that ship with scikit-learn),
+  cut to one iteration of two candidates."""
+  command = [sys.executable, '-m', 'experiments.search', '--config=configs/cifar.py:smoke',
+             f'--workdir={tmp_path}', '--config.search.blocks_per_iteration=2',
+             '--config.train.epochs=1', '--max_iterations=1', '--noprogress']
+  out = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'candidates 2' in out.stdout and 'best reward' in out.stdout
+  store = store_lib.ResultsStore(tmp_path)
+  assert store.count("WHERE status = 'ok'") >= 1 and store.load_agent()[0] == 1
+  store.close()
+  assert any((tmp_path / 'compile_cache').iterdir())  # the persistent compilation cache
