@@ -8,6 +8,12 @@ write. Because sampling depends only on the saved Q and the iteration number, a 
 killed at any moment and started again on the same workdir samples exactly the blocks the
 uninterrupted run would have, reuses every candidate already recorded, and retrains only
 those that were in flight.
+
+With ``search.max_staleness = S > 0`` the loop is asynchronous: iteration ``j`` is sampled
+(and stored before anything of it trains) once iteration ``j - S - 1`` is learned, so the
+executor's workers are fed the next iterations' blocks while the slowest candidates of the
+current one finish. A block already training for an earlier iteration is waited for, never
+trained twice.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class SearchSummary:
   failed: int
   best: store_lib.Candidate | None
   wall_s: float
+  worker_idle_fraction: float | None = None  # when the executor reports its utilisation
 
   @property
   def cache_hit_rate(self) -> float:
@@ -95,16 +102,41 @@ class _Progress:
       self.bar.close()
 
 
+@dataclasses.dataclass
+class _Iteration:
+  """One sampled iteration on its way through the executor."""
+
+  index: int
+  epsilon: float
+  replay_key: jax.Array
+  trajectories: ql.Trajectories
+  blocks: list[nsc.Block]
+  results: list[EvalResult | None]
+  cached: list[bool]
+  started: float
+
+  @property
+  def complete(self) -> bool:
+    return all(r is not None for r in self.results)
+
+
 def run_search(config, workdir: str | Path, executor, *, allow_config_change: bool = False,
                max_iterations: int | None = None, progress: bool = True,
                on_recorded: Callable[[int, int, EvalResult], None] | None = None
                ) -> SearchSummary:
   """Runs (or resumes) the search of ``config`` in ``workdir`` on ``executor``.
 
+  With ``search.max_staleness = S`` the agent may sample iteration ``j`` as soon as iteration
+  ``j - S - 1`` has been learned from, so up to S + 1 iterations are in flight and workers
+  need not wait for an iteration's slowest candidate. Iteration ``j`` is always sampled from
+  the Q after exactly ``j - S`` updates, and updates are applied in iteration order, so the
+  sampled sequence does not depend on timing; S = 0 is the paper's strict iterations.
+
   Args:
     config: the search config (see configs/cifar.py).
     workdir: where the store, TensorBoard events and compiled programs live.
-    executor: anything with ``submit(block, seed) -> Future[EvalResult]``.
+    executor: anything with ``submit(block, seed) -> Future[EvalResult]``; an optional
+      ``utilisation()`` (fraction of worker time spent evaluating) is logged.
     allow_config_change: continue a workdir whose stored config differs.
     max_iterations: stop after this many iterations in this call (the search stays
       resumable); None runs the schedule to its end.
@@ -123,6 +155,9 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
   agent = ql.QLearningConfig(**config.agent)
   schedule = ql.EpsilonSchedule(tuple(tuple(p) for p in config.search.epsilon_schedule))
   batch = config.search.blocks_per_iteration
+  staleness = int(config.search.get('max_staleness', 0))
+  if staleness < 0:
+    raise ValueError(f'search.max_staleness must be >= 0, got {staleness}')
   failed_reward = float(config.search.get('failed_reward', 0.0))
   base_key = jax.random.PRNGKey(config.seed)
 
@@ -143,86 +178,107 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
     last = min(last, first_iteration + max_iterations)
   writer = _tensorboard(Path(workdir))
   bar = _Progress(schedule.num_iterations * batch, first_iteration * batch, progress)
-  best = store.best()
+  utilisation = getattr(executor, 'utilisation', None)
+  pending: dict[int, _Iteration] = {}
+  training: dict[str, concurrent.futures.Future] = {}  # canonical key -> its training
+  # A training's canonical key and the (iteration, position)s waiting for it, owner first.
+  waiters: dict[concurrent.futures.Future, tuple[str, list[tuple[int, int]]]] = {}
   finished_here = 0
-  try:
-    for iteration in range(first_iteration, last):
-      epsilon = float(ql.epsilon_at(schedule, iteration))
-      sample_key, replay_key = jax.random.split(jax.random.fold_in(base_key, iteration))
+
+  def record(it: _Iteration, position: int, result: EvalResult, was_cached: bool):
+    it.results[position], it.cached[position] = result, was_cached
+    store.record(it.index, position, it.epsilon, result, was_cached)
+    bar.update(1)
+    if on_recorded is not None:
+      on_recorded(it.index, position, result)
+
+  def begin(index: int, submit: bool) -> None:
+    """Samples iteration ``index`` (or reloads what it sampled) and sends out its blocks."""
+    epsilon = float(ql.epsilon_at(schedule, index))
+    sample_key, replay_key = jax.random.split(jax.random.fold_in(base_key, index))
+    stored = store.load_sampled(index)
+    if stored is None:
       trajectories = ql.sample_blocks(sample_key, q, space, epsilon, batch)
-      blocks = space.decode_batch(np.asarray(trajectories.states))
-      t0 = time.perf_counter()
-      results, cached = _evaluate_iteration(store, executor, config.seed, iteration, epsilon,
-                                            blocks, bar, on_recorded)
-      finished_here += sum(1 for c in cached if not c)
-      rewards = np.asarray([r.reward if r.ok else failed_reward for r in results], np.float32)
-      q, memory = ql.learn(replay_key, q, memory, space, trajectories, jnp.asarray(rewards),
-                           agent)
-      store.save_agent(iteration + 1, {
+      store.save_sampled(index, {'states': trajectories.states,
+                                 'lengths': trajectories.lengths})
+    else:
+      trajectories = ql.Trajectories(jnp.asarray(stored['states']),
+                                     jnp.asarray(stored['lengths']))
+    if not submit:  # beyond this call's last iteration: sampled for the resumption only
+      return
+    blocks = space.decode_batch(np.asarray(trajectories.states))
+    it = pending[index] = _Iteration(index, epsilon, replay_key, trajectories, blocks,
+                                     [None] * len(blocks), [False] * len(blocks),
+                                     time.perf_counter())
+    recorded = store.iteration_rows(index)
+    for position, block in enumerate(blocks):
+      if position in recorded:  # recorded before an interruption
+        row = recorded[position]
+        it.results[position] = store_lib.result_from_candidate(row)
+        it.cached[position] = row.cached
+        continue
+      key = canonical.canonical_key(block)
+      earlier = store.trained(key)
+      if earlier is not None:
+        record(it, position, dataclasses.replace(store_lib.result_from_candidate(earlier),
+                                                 block=block.to_text()), True)
+      elif key in training:  # the same block is training for this or an earlier iteration
+        waiters[training[key]][1].append((index, position))
+      else:
+        future = executor.submit(block, seed=candidate_seed(config.seed, key))
+        training[key] = future
+        waiters[future] = (key, [(index, position)])
+
+  next_sample = first_iteration
+  try:
+    for learned in range(first_iteration, last):
+      while next_sample <= min(learned + staleness, schedule.num_iterations - 1):
+        begin(next_sample, submit=next_sample < last)
+        next_sample += 1
+      it = pending[learned]
+      while not it.complete:
+        done, _ = concurrent.futures.wait(waiters, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+          result = future.result()
+          key, positions = waiters.pop(future)
+          del training[key]
+          finished_here += 1
+          for n, (index, position) in enumerate(positions):  # the trained block, then copies
+            owner = pending[index]
+            record(owner, position, result if n == 0 else dataclasses.replace(
+                result, block=owner.blocks[position].to_text()), n > 0)
+      del pending[learned]
+      rewards = np.asarray([r.reward if r.ok else failed_reward for r in it.results],
+                           np.float32)
+      q, memory = ql.learn(it.replay_key, q, memory, space, it.trajectories,
+                           jnp.asarray(rewards), agent)
+      store.save_agent(learned + 1, {
           'q': q, **{f'memory_{f.name}': getattr(memory, f.name)
                      for f in dataclasses.fields(ql.ReplayMemory)}})
       best = store.best()
       elapsed_h = (time.perf_counter() - start) / 3600
       per_hour = finished_here / elapsed_h if elapsed_h else 0.0
-      ok = [r.reward for r in results if r.ok]
-      _log_iteration(writer, iteration, epsilon, ok, cached, results, per_hour,
-                     time.perf_counter() - t0)
-      bar.update(0, it=iteration, eps=f'{epsilon:.1f}',
-                 best=f'{best.reward:.3f}' if best else '-', per_h=f'{per_hour:.0f}')
+      busy = utilisation() if utilisation is not None else None
+      _log_iteration(writer, learned, it.epsilon, [r.reward for r in it.results if r.ok],
+                     it.cached, it.results, per_hour, time.perf_counter() - it.started, busy)
+      postfix = dict(it=learned, eps=f'{it.epsilon:.1f}',
+                     best=f'{best.reward:.3f}' if best else '-', per_h=f'{per_hour:.0f}')
+      if busy is not None:
+        postfix['idle'] = f'{1 - busy:.0%}'
+      bar.update(0, **postfix)
   finally:
     bar.close()
     if writer is not None:
       writer.close()
   saved = store.load_agent()
   summary = SearchSummary(
-      iterations_done=saved[0] if saved else 0, candidates=store.count(), trained=store.count('WHERE cached = 0'),
-      cached=store.count('WHERE cached = 1'), failed=store.count("WHERE status = 'failed'"),
-      best=store.best(), wall_s=time.perf_counter() - start)
+      iterations_done=saved[0] if saved else 0, candidates=store.count(),
+      trained=store.count('WHERE cached = 0'), cached=store.count('WHERE cached = 1'),
+      failed=store.count("WHERE status = 'failed'"), best=store.best(),
+      wall_s=time.perf_counter() - start,
+      worker_idle_fraction=None if utilisation is None else 1 - utilisation())
   store.close()
   return summary
-
-
-def _evaluate_iteration(store, executor, seed, iteration, epsilon, blocks, bar, on_recorded):
-  """Results of every block of the iteration, training only what no earlier candidate did."""
-  results: list[EvalResult | None] = [None] * len(blocks)
-  cached = [False] * len(blocks)
-  recorded = store.iteration_rows(iteration)
-  owner: dict[str, int] = {}  # canonical key -> position that trains it this iteration
-  waiting: dict[int, list[int]] = {}  # that position -> duplicates waiting for its result
-  futures: dict[concurrent.futures.Future, int] = {}
-
-  def record(position, result, was_cached):
-    results[position], cached[position] = result, was_cached
-    store.record(iteration, position, epsilon, result, was_cached)
-    bar.update(1)
-    if on_recorded is not None:
-      on_recorded(iteration, position, result)
-
-  for position, block in enumerate(blocks):
-    if position in recorded:  # recorded before an interruption
-      row = recorded[position]
-      results[position] = store_lib.result_from_candidate(row)
-      cached[position] = row.cached
-      continue
-    key = canonical.canonical_key(block)
-    earlier = store.trained(key)
-    if earlier is not None:
-      record(position, dataclasses.replace(store_lib.result_from_candidate(earlier),
-                                           block=block.to_text()), True)
-    elif key in owner:
-      waiting[owner[key]].append(position)
-    else:
-      owner[key] = position
-      waiting[position] = []
-      futures[executor.submit(block, seed=candidate_seed(seed, key))] = position
-
-  for future in concurrent.futures.as_completed(futures):
-    position = futures[future]
-    result = future.result()
-    record(position, result, False)
-    for duplicate in waiting[position]:
-      record(duplicate, dataclasses.replace(result, block=blocks[duplicate].to_text()), True)
-  return results, cached
 
 
 def _tensorboard(workdir: Path):
@@ -233,7 +289,8 @@ def _tensorboard(workdir: Path):
   return tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
 
 
-def _log_iteration(writer, iteration, epsilon, rewards, cached, results, per_hour, seconds):
+def _log_iteration(writer, iteration, epsilon, rewards, cached, results, per_hour, seconds,
+                   utilisation):
   if writer is None:
     return
   scalars = {
@@ -243,6 +300,8 @@ def _log_iteration(writer, iteration, epsilon, rewards, cached, results, per_hou
       'candidates_per_hour': per_hour,
       'iteration_seconds': seconds,
   }
+  if utilisation is not None:
+    scalars['worker_idle_fraction'] = 1 - utilisation
   if rewards:
     scalars.update({'reward/mean': float(np.mean(rewards)), 'reward/max': float(np.max(rewards))})
   for name, value in scalars.items():

@@ -11,6 +11,10 @@ search resumes from it. Tables:
 * ``agent_state`` — the agent after the last completed iteration: Q, the replay memory and
   the next iteration number, as one ``.npz`` blob, written in the same kind of transaction
   as the results (SQLite commits are atomic: a kill at any moment leaves the previous state).
+* ``sampled`` — the blocks each started iteration sampled (the agent's state paths), written
+  before any of them is trained. With bounded staleness an iteration is sampled from a Q
+  several updates old; keeping what was sampled makes a resumed search train exactly what
+  the uninterrupted one would have.
 * ``meta`` — the run's config (JSON) and schema version.
 """
 
@@ -60,6 +64,10 @@ CREATE TABLE IF NOT EXISTS candidates (
   UNIQUE(iteration, position)
 );
 CREATE INDEX IF NOT EXISTS candidates_by_key ON candidates(canonical_key);
+CREATE TABLE IF NOT EXISTS sampled (
+  iteration INTEGER PRIMARY KEY,
+  arrays BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS agent_state (
   id INTEGER PRIMARY KEY CHECK (id = 0),
   next_iteration INTEGER NOT NULL,
@@ -181,11 +189,21 @@ class ResultsStore:
 
   def save_agent(self, next_iteration: int, arrays: dict[str, Any]) -> None:
     """Atomically replaces the saved agent state."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
     with self._lock:
       self._db.execute('INSERT OR REPLACE INTO agent_state VALUES (0, ?, ?, ?)',
-                       (next_iteration, buffer.getvalue(), time.time()))
+                       (next_iteration, _npz_bytes(arrays), time.time()))
+
+  def save_sampled(self, iteration: int, arrays: dict[str, Any]) -> None:
+    """Keeps what ``iteration`` sampled; a second save of the same iteration is ignored."""
+    with self._lock:
+      self._db.execute('INSERT OR IGNORE INTO sampled VALUES (?, ?)',
+                       (iteration, _npz_bytes(arrays)))
+
+  def load_sampled(self, iteration: int) -> dict[str, np.ndarray] | None:
+    with self._lock:
+      row = self._db.execute('SELECT arrays FROM sampled WHERE iteration = ?',
+                             (iteration,)).fetchone()
+    return None if row is None else _npz_arrays(row[0])
 
   def load_agent(self) -> tuple[int, dict[str, np.ndarray]] | None:
     with self._lock:
@@ -193,8 +211,18 @@ class ResultsStore:
           'SELECT next_iteration, arrays FROM agent_state WHERE id = 0').fetchone()
     if row is None:
       return None
-    with np.load(io.BytesIO(row[1])) as arrays:
-      return row[0], {k: arrays[k] for k in arrays.files}
+    return row[0], _npz_arrays(row[1])
+
+
+def _npz_bytes(arrays: dict[str, Any]) -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+  return buffer.getvalue()
+
+
+def _npz_arrays(blob: bytes) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(blob)) as arrays:
+    return {k: arrays[k] for k in arrays.files}
 
 
 def result_from_candidate(row: Candidate) -> EvalResult:

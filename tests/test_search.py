@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -197,3 +198,72 @@ def test_the_readme_search_command_runs(tmp_path):
   assert store.count("WHERE status = 'ok'") >= 1 and store.load_agent()[0] == 1
   store.close()
   assert any((tmp_path / 'compile_cache').iterdir())  # the persistent compilation cache
+
+
+class ThreadedScoringExecutor(ScoringExecutor):
+  """ScoringExecutor's rewards, but each candidate takes a while on one of three workers, in
+  an order set by ``jitter``: results come back out of order, as from a real cluster."""
+
+  def __init__(self, jitter=0):
+    super().__init__()
+    self.pool = concurrent.futures.ThreadPoolExecutor(3)
+    self.jitter = jitter
+    self.outstanding = self.max_outstanding = 0
+    self.lock = threading.Lock()
+
+  def submit(self, block, seed=0):
+    delay = (hash((canonical.canonical_key(block), self.jitter)) % 7) / 500
+    with self.lock:
+      self.outstanding += 1
+      self.max_outstanding = max(self.max_outstanding, self.outstanding)
+    done = super().submit(block, seed).result()
+
+    def run():
+      time.sleep(delay)
+      with self.lock:
+        self.outstanding -= 1
+      return done
+    return self.pool.submit(run)
+
+
+@pytest.mark.parametrize('staleness', [0, 2])
+def test_asynchronous_search_samples_the_same_blocks_whatever_the_timing(tmp_path, staleness):
+  config = _config(iterations=((1.0, 3), (0.5, 3), (0.1, 3)), blocks=6, max_index=5)
+  config.search.max_staleness = staleness
+  runs = []
+  for jitter in (1, 2):
+    executor = ThreadedScoringExecutor(jitter)
+    search_lib.run_search(config, tmp_path / f'run{jitter}', executor, progress=False)
+    runs.append(_rows(tmp_path / f'run{jitter}'))
+    # Strict iterations never have more than one iteration's blocks out; S > 0 feeds the
+    # workers the next iterations' blocks while the current one finishes.
+    assert (executor.max_outstanding > 6) == (staleness > 0)
+    assert len(executor.submitted) == len(set(executor.submitted))  # nothing twice
+  (rows, next_iteration, arrays), (rows2, _, arrays2) = runs
+  assert rows == rows2 and next_iteration == 9 and len(rows) == 54
+  np.testing.assert_array_equal(arrays['q'], arrays2['q'])
+
+
+def test_asynchronous_search_resumes_exactly(tmp_path):
+  config = _config(iterations=((1.0, 3), (0.5, 3), (0.1, 3)), blocks=6, max_index=5)
+  config.search.max_staleness = 2
+  search_lib.run_search(config, tmp_path / 'reference', ThreadedScoringExecutor(),
+                        progress=False)
+  seen = []
+
+  def interrupt(iteration, position, result):
+    seen.append(iteration)
+    if len(seen) == 20:
+      raise KeyboardInterrupt
+  interrupted = tmp_path / 'interrupted'
+  with pytest.raises(KeyboardInterrupt):
+    search_lib.run_search(config, interrupted, ThreadedScoringExecutor(3), progress=False,
+                          on_recorded=interrupt)
+  # Split the rest over calls too: the sampled-ahead iterations are kept for the next call.
+  search_lib.run_search(config, interrupted, ThreadedScoringExecutor(4), max_iterations=2,
+                        progress=False)
+  search_lib.run_search(config, interrupted, ThreadedScoringExecutor(5), progress=False)
+  rows, next_iteration, arrays = _rows(interrupted)
+  ref_rows, _, ref_arrays = _rows(tmp_path / 'reference')
+  assert rows == ref_rows and next_iteration == 9
+  np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])
