@@ -122,8 +122,14 @@ class LocalExecutor:
           else:
             pending = (nxt, self._compile_pool.submit(self._compile, trainer, nxt))
       start = time.perf_counter()
-      compiled = compiling.result() if compiling is not None else None
-      evaluation = trainer.evaluate(job.block, seed=job.seed, compiled=compiled)
+      try:
+        compiled = compiling.result() if compiling is not None else None
+        evaluation = trainer.evaluate(job.block, seed=job.seed, compiled=compiled)
+      except Exception as e:  # never let the thread die and leave futures pending
+        evaluation = train_lib.EvalResult(
+            block=job.block.to_text() if isinstance(job.block, nsc.Block) else str(job.block),
+            canonical_key='', status='failed',
+            failure_reason=train_lib.describe_failure(e), device=trainer.group.name)
       self._busy_s[index] += time.perf_counter() - start
       job.future.set_result(evaluation)
       if stopping and pending is None:
@@ -142,3 +148,31 @@ class LocalExecutor:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def make_executor(splits: data_lib.ImageSplits, config, *, compile_cache_dir: str | None = None):
+  """The executor ``config.executor.kind`` names: 'local' (default) or 'ray'.
+
+  Both give ``submit(block, seed) -> Future[EvalResult]``, ``map``, ``utilisation`` and
+  ``close``, and work as context managers.
+  """
+  section = config.executor
+  kind = section.get('kind', 'local')
+  grammar = nsc.Grammar(**config.space)
+  if kind == 'local':
+    return LocalExecutor(splits, config, devices=jax.local_devices(),
+                         devices_per_candidate=section.get('devices_per_candidate', 1),
+                         compile_ahead=section.get('compile_ahead', True), grammar=grammar)
+  if kind == 'ray':
+    from blockqnn_jax import ray_executor
+    options = dict(section.get('ray', {}))
+    gpus = options.pop('gpus_per_worker', -1)
+    env = dict(options.pop('worker_env', {}) or {})
+    cpu_devices = options.pop('cpu_devices_per_worker', 1)
+    if jax.default_backend() == 'cpu' and gpus <= 0:
+      # CPU workers: each sees its own fake devices, not the master's XLA_FLAGS.
+      env.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={cpu_devices}')
+    return ray_executor.RayExecutor(
+        splits, config, gpus_per_worker=None if gpus < 0 else gpus, grammar=grammar,
+        compile_cache_dir=compile_cache_dir, worker_env=env, **options)
+  raise ValueError(f'unknown executor.kind {kind!r}: use "local" or "ray"')

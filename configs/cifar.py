@@ -43,9 +43,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # (ε, iterations at it): BlockQNN's 178 iterations of 64 blocks.
+  # max_staleness S: iteration j may be sampled once iteration j - S - 1 is learned, so
+  # workers are not idle while an iteration's slowest candidate finishes; 0 = the paper's
+  # strict iterations. A different S samples a different (still reproducible) sequence.
   config.search = ml_collections.ConfigDict(dict(
       blocks_per_iteration=64,
       epsilon_schedule=PAPER_EPSILON_SCHEDULE,
+      max_staleness=0,
+      failed_reward=0.0,
   ))
 
   # The network a candidate block is stacked into during the search: stem, three stages of
@@ -92,10 +97,22 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # see train.RewardConfig for the normalisation. mu = rho = 0 is plain accuracy.
   config.reward = ml_collections.ConfigDict(dict(mu=0.01, rho=0.02))
 
-  # How candidates are spread over the local devices (executor.LocalExecutor).
+  # Where candidates train (executor.make_executor): 'local' spreads them over this
+  # machine's devices; 'ray' over worker actors of a Ray cluster (ray_executor.RayExecutor).
+  # Changing this section never changes what is searched, so a search may resume elsewhere.
   config.executor = ml_collections.ConfigDict(dict(
-      devices_per_candidate=1,
+      kind='local',
+      devices_per_candidate=1,  # >1: each candidate data-parallel over a device group
       compile_ahead=True,
+      ray=dict(
+          address='',  # '' starts Ray on this machine; 'auto' joins `ray start`'s cluster
+          num_workers=0,  # 0 = one per GPU (or per cpus_per_worker CPUs), growing with nodes
+          cpus_per_worker=1.0,
+          gpus_per_worker=-1.0,  # -1 = 1 when the cluster has GPUs, else 0; 0.5 shares one
+          max_attempts=3,  # a candidate whose worker dies is retried up to this many times
+          jobs_per_worker=2,  # one training, one compiling ahead
+          cpu_devices_per_worker=1,  # CPU-only workers: fake devices each
+      ),
   ))
 
   if preset == 'smoke':

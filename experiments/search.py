@@ -3,6 +3,8 @@ r"""Runs (or resumes) a BlockQNN search.
   python -m experiments.search --config=configs/cifar.py:smoke --workdir=workdirs/smoke
   python -m experiments.search --config=configs/cifar.py --workdir=workdirs/cifar100 \
       --config.data.source=npz --config.data.path=PATH/cifar10-exact-subset.npz
+  python -m experiments.search --config=configs/cifar.py --workdir=workdirs/cifar100 \
+      --config.executor.kind=ray --config.executor.ray.address=auto   # on a Ray cluster
 
 Running the same command on the same workdir continues where it stopped.
 """
@@ -14,12 +16,10 @@ from pathlib import Path
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
-from blockqnn_jax import nsc
 from blockqnn_jax import search as search_lib
 from blockqnn_jax import train as train_lib
 
@@ -46,11 +46,9 @@ def main(argv):
       max_train=config.data.max_train or None)
   logging.info('data %s: %d train / %d validation images of %s', splits.name,
                len(splits.train_labels), len(splits.val_labels), splits.image_shape)
-  with executor_lib.LocalExecutor(
-      splits, config, devices=jax.local_devices(),
-      devices_per_candidate=config.executor.devices_per_candidate,
-      compile_ahead=config.executor.compile_ahead,
-      grammar=nsc.Grammar(**config.space)) as executor:
+  with executor_lib.make_executor(splits, config,
+                                  compile_cache_dir=str(workdir.resolve() / 'compile_cache')
+                                  ) as executor:
     summary = search_lib.run_search(config, workdir, executor,
                                     allow_config_change=_ALLOW.value,
                                     max_iterations=_MAX_ITERATIONS.value,
@@ -59,6 +57,8 @@ def main(argv):
   print(f'iterations {summary.iterations_done}, candidates {summary.candidates} '
         f'(trained {summary.trained}, reused {summary.cached}, failed {summary.failed}), '
         f'cache hit rate {summary.cache_hit_rate:.1%}, {summary.wall_s:.0f} s')
+  if summary.worker_idle_fraction is not None:
+    print(f'workers idle {summary.worker_idle_fraction:.1%} of the time')
   if best is not None:
     print(f'best reward {best.reward:.4f} (accuracy {best.val_accuracy:.4f}): {best.nsc}')
   print(f'results: {workdir / "search.sqlite"}')

@@ -138,6 +138,15 @@ def test_eight_candidates_on_eight_devices(splits):
   assert len({r.device for r in results}) >= 4  # spread over the devices, not queued on one
 
 
+def test_executor_answers_even_what_it_cannot_evaluate(splits):
+  """Not a block at all: a failed result, and the worker thread stays alive for the next."""
+  with executor_lib.LocalExecutor(splits, _config(epochs=1), jax.local_devices()[:1],
+                                  compile_ahead=False) as executor:
+    bad = executor.submit('1,1,3,0,0 2,7,0,0,0').result(timeout=60)
+    assert bad.status == 'failed' and 'AttributeError' in bad.failure_reason
+    assert executor.submit(SMALL).result(timeout=300).ok
+
+
 def test_data_parallel_matches_single_device(splits, trainer):
   one = trainer.evaluate(RESIDUAL)
   four = train_lib.evaluate(RESIDUAL, _config(), splits, devices=jax.local_devices()[:4])
