@@ -9,6 +9,11 @@ their ratio. Every block is a new XLA program, so compile time is the number to 
 
   # CPU, smoke scale (digits ship with scikit-learn):
   python -m benchmarks.evaluate
+  # the whole training as one scanned program against one program per step:
+  python -m benchmarks.evaluate --loops=scan,steps --nocompare_compile_ahead
+  # in memory against streamed (the ImageNet path), on real JPEGs:
+  python -m benchmarks.evaluate --data=image_folder:../shared/data/cifar10-jpeg-full.tar \
+      --max_train=2000 --stream --nocompare_compile_ahead
   # real CIFAR-10 pixels from a path, GPU at paper fidelity (12 epochs, batch 256):
   python -m benchmarks.evaluate --data=npz:../shared/data/cifar10-exact-subset.npz \
       --epochs=12 --batch_size=256 --features=32 --num_blocks=2 --validation_size=500
@@ -26,6 +31,7 @@ import ml_collections
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
+from blockqnn_jax import streaming
 from blockqnn_jax import train as train_lib
 
 # Small to large: one conv, the residual block, the Inception-like block, a deep mixed block.
@@ -46,14 +52,20 @@ _BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size (the paper: 256).')
 _FEATURES = flags.DEFINE_integer('features', 8, 'F, the first stage width (search: 32).')
 _NUM_BLOCKS = flags.DEFINE_integer('num_blocks', 1, 'N, blocks per stage.')
 _DTYPE = flags.DEFINE_string('compute_dtype', 'auto', "'auto', 'float32' or 'bfloat16'.")
+_LOOPS = flags.DEFINE_list('loops', ['auto'], "train.loop values to compare: 'scan' (one "
+                           "program), 'steps' (a program per step), 'auto'.")
+_DECODE_THREADS = flags.DEFINE_integer('decode_threads', 2, 'Host decoding threads (--stream).')
 _SCAN = flags.DEFINE_bool('scan_blocks', False, 'Blocks 2..N of a stage under nn.scan.')
 _COMPARE = flags.DEFINE_bool('compare_compile_ahead', True,
                              'Also time the executor with and without compile-ahead.')
+_STREAM = flags.DEFINE_bool('stream', False,
+                            'Also train the blocks on batches streamed from the host (the '
+                            'ImageNet path; --data=image_folder:PATH or tfds:NAME).')
 
 
-def _config(num_classes: int) -> ml_collections.ConfigDict:
+def _config(num_classes: int, loop: str = 'auto') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.train = dict(epochs=_EPOCHS.value, batch_size=_BATCH.value,
+  config.train = dict(epochs=_EPOCHS.value, batch_size=_BATCH.value, loop=loop,
                       compute_dtype=_DTYPE.value)
   config.reward = dict(mu=0.01, rho=0.02)
   config.network = dict(num_blocks=_NUM_BLOCKS.value, features=_FEATURES.value,
@@ -92,10 +104,38 @@ def main(argv):
         f'F={_FEATURES.value} N={_NUM_BLOCKS.value}')
   blocks = [nsc.parse(b, nsc.Grammar(max_index=23)) for b in BLOCKS]
 
-  trainer = train_lib.CandidateTrainer(
-      train_lib.DeviceGroup.place(splits, [device]), train_lib.TrainConfig(**config.train),
-      train_lib.RewardConfig(**config.reward), config.network)
-  print(f'\n{"layers":>6} {"params":>9} {"compile s":>9} {"train s":>8} {"eval s":>7} '
+  group = train_lib.DeviceGroup.place(splits, [device])
+  for loop in _LOOPS.value:
+    looped = _config(splits.num_classes, loop)
+    trainer = train_lib.CandidateTrainer(group, train_lib.TrainConfig(**looped.train),
+                                         train_lib.RewardConfig(**looped.reward),
+                                         looped.network)
+    print(f'\ndata on the device, train.loop={loop} '
+          f'({train_lib.resolve_loop(loop, [device])}):')
+    _table(trainer, blocks)
+  if _STREAM.value:
+    source, _, path = _DATA.value.partition(':')
+    size = _VALIDATION.value if _VALIDATION.value < 1 else int(_VALIDATION.value)
+    stream = streaming.StreamData(
+        source, name=path if source == 'tfds' else '', path=None if source == 'tfds' else path,
+        image_size=splits.image_shape[0], validation_size=size, seed=0,
+        max_train=len(splits.train_labels), mean=tuple(splits.mean.tolist()),
+        std=tuple(splits.std.tolist()), decode_threads=_DECODE_THREADS.value).open()
+    print(f'\nstreamed from the host ({_DECODE_THREADS.value} decoding threads), one '
+          'program per step:')
+    _table(streaming.StreamingTrainer(stream, [device], train_lib.TrainConfig(**config.train),
+                                      train_lib.RewardConfig(**config.reward),
+                                      config.network), blocks)
+
+  if _COMPARE.value:
+    ahead = _throughput(splits, config, blocks, compile_ahead=True)
+    serial = _throughput(splits, config, blocks, compile_ahead=False)
+    print(f'\ncandidates/hour on one device: compile-ahead {ahead:.0f}, one after the other '
+          f'{serial:.0f}, ratio {ahead / serial:.2f}x')
+
+
+def _table(trainer, blocks) -> None:
+  print(f'{"layers":>6} {"params":>9} {"compile s":>9} {"train s":>8} {"eval s":>7} '
         f'{"other s":>8} {"total s":>8} {"img/s":>8} {"train %":>8} {"val acc":>8}')
   for block in blocks:
     r = trainer.evaluate(block)
@@ -106,12 +146,6 @@ def main(argv):
     print(f'{len(block.body):>6} {r.params:>9,} {r.compile_s:>9.2f} {r.train_s:>8.2f} '
           f'{r.eval_s:>7.2f} {other:>8.2f} {r.total_s:>8.2f} {r.images_per_s:>8.0f} '
           f'{100 * r.train_s / r.total_s:>7.1f}% {r.val_accuracy:>8.3f}')
-
-  if _COMPARE.value:
-    ahead = _throughput(splits, config, blocks, compile_ahead=True)
-    serial = _throughput(splits, config, blocks, compile_ahead=False)
-    print(f'\ncandidates/hour on one device: compile-ahead {ahead:.0f}, one after the other '
-          f'{serial:.0f}, ratio {ahead / serial:.2f}x')
 
 
 if __name__ == '__main__':

@@ -26,6 +26,7 @@ and std are per channel in pixel units (0..255).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -726,13 +727,15 @@ class _FolderReader:
     if self._tar is not None:
       self._tar.close()
 
+  def read_bytes(self, ref: str) -> bytes:
+    """The encoded file ``ref``."""
+    if self._tar is None:
+      return Path(ref).read_bytes()
+    return self._tar.extractfile(self._index.tar_members[ref]).read()
+
   def read(self, ref: str) -> np.ndarray:
     """The decoded image ``ref`` as ``(H, W, C)`` uint8."""
-    if self._tar is None:
-      blob = Path(ref).read_bytes()
-    else:
-      blob = self._tar.extractfile(self._index.tar_members[ref]).read()
-    return _decode(blob, ref)
+    return _decode(self.read_bytes(ref), ref)
 
 
 def _read_folder_split(reader: _FolderReader, refs: Sequence[str],
@@ -813,16 +816,17 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _stream_reader(source: str, name: str, split: str, path: str | None,
-                   download: bool) -> tuple[int, Callable[[], Any]]:
+                   download: bool) -> tuple[int, int, Callable[[], Any]]:
   """Opens a streaming source.
 
   Returns:
-    ``(num_examples, open_reader)``: ``open_reader()`` is a context manager whose value maps an
-    index to ``(image (H, W, C) uint8, label int)``; it is entered on the worker thread.
+    ``(num_examples, num_classes, open_reader)``: ``open_reader()`` is a context manager whose
+    value maps an index to ``(image (H, W, C) uint8, label int)``; it is entered on the
+    worker thread and may be called from several decoding threads at once.
   """
   if source == 'tfds':
     ds = _open_tfds(name, split, path, download)
-    _tfds_features(ds, name)
+    num_classes = len(_tfds_features(ds, name)[1])
 
     @contextlib.contextmanager
     def open_tfds():
@@ -831,7 +835,7 @@ def _stream_reader(source: str, name: str, split: str, path: str | None,
         return np.asarray(record['image']), int(record['label'])
       yield read
 
-    return len(ds), open_tfds
+    return len(ds), num_classes, open_tfds
   if path is None:
     raise DataError("stream_batches: source 'image_folder' needs path= "
                     f"({_PATH_HELP['image_folder']})")
@@ -842,16 +846,32 @@ def _stream_reader(source: str, name: str, split: str, path: str | None,
   @contextlib.contextmanager
   def open_folder():
     with _FolderReader(index) as reader:
-      yield lambda i: (reader.read(refs[i]), int(labels[i]))
+      lock = threading.Lock()  # one tar file handle: reads take turns, decoding does not
 
-  return len(refs), open_folder
+      def read(i):
+        with lock:
+          blob = reader.read_bytes(refs[i])
+        return _decode(blob, refs[i]), int(labels[i])
+      yield read
+
+  return len(refs), len(index.classes), open_folder
+
+
+def stream_info(source: str = 'tfds', *, name: str = '', split: str = 'train',
+                path: str | None = None, download: bool = False) -> tuple[int, int]:
+  """``(num_examples, num_classes)`` of a streaming source's split, without reading images."""
+  if source not in STREAM_SOURCES:
+    raise DataError(f'unknown stream source {source!r}; valid: {", ".join(STREAM_SOURCES)}')
+  num_examples, num_classes, _ = _stream_reader(source, name, split, path, download)
+  return num_examples, num_classes
 
 
 def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train',
                    batch_size: int, image_size: int, seed: int = 0,
                    path: str | None = None, shuffle: bool = True, num_epochs: int | None = 1,
                    drop_remainder: bool = False, prefetch: int = 2,
-                   download: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                   download: bool = False, indices: Sequence[int] | np.ndarray | None = None,
+                   decode_threads: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Host-side batches of resized images, decoded ahead by a background thread.
 
   The path for data too large for memory (ImageNet): nothing but the ``prefetch`` batches in
@@ -871,6 +891,10 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
     drop_remainder: drop each epoch's last partial batch (static shapes for ``jit``).
     prefetch: batches decoded ahead of the consumer.
     download: ``'tfds'`` only: allow TFDS to download and prepare.
+    indices: read only these examples of the split (e.g. a held-out validation part); the
+      shuffle permutes them.
+    decode_threads: threads decoding and resizing images of a batch in parallel (PIL
+      releases the GIL while it decodes).
 
   Returns:
     An iterator of ``(images, labels)``: ``(B, S, S, C)`` uint8 and ``(B,)`` int32. Closing it
@@ -885,7 +909,15 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
   if batch_size < 1 or image_size < 1 or prefetch < 1:
     raise DataError(f'batch_size, image_size and prefetch must be >= 1, got {batch_size}, '
                     f'{image_size}, {prefetch}')
-  num_examples, opener = _stream_reader(source, name, split, path, download)
+  total, _, opener = _stream_reader(source, name, split, path, download)
+  if indices is None:
+    subset = np.arange(total)
+  else:
+    subset = np.asarray(indices, np.int64).reshape(-1)
+    if subset.size and (subset.min() < 0 or subset.max() >= total):
+      raise DataError(f'stream_batches: indices must lie in [0, {total}) for {source} '
+                      f'{name or path} {split}')
+  num_examples = len(subset)
   if num_examples == 0 or (drop_remainder and num_examples < batch_size):
     raise DataError(f'stream_batches: {source} {name or path} {split} has {num_examples} '
                     f'examples, fewer than one batch of {batch_size}')
@@ -896,8 +928,8 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
   def epochs() -> Iterator[np.ndarray]:
     epoch = 0
     while num_epochs is None or epoch < num_epochs:
-      order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
-               else np.arange(num_examples))
+      order = (subset[np.random.default_rng([seed, epoch]).permutation(num_examples)]
+               if shuffle else subset)
       stop_at = num_examples - num_examples % batch_size if drop_remainder else num_examples
       for start in range(0, stop_at, batch_size):
         yield order[start:start + batch_size]
@@ -914,10 +946,14 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
 
   def work() -> None:
     try:
-      with opener() as read:
+      with opener() as read, concurrent.futures.ThreadPoolExecutor(
+          decode_threads, thread_name_prefix='decode') as pool:
+        def one(i):
+          image, label = read(int(i))
+          return resize_center_crop(image, image_size), label
         for ids in epochs():
-          pairs = [read(int(i)) for i in ids]
-          images = np.stack([resize_center_crop(im, image_size) for im, _ in pairs])
+          pairs = list(pool.map(one, ids))
+          images = np.stack([im for im, _ in pairs])
           labels = np.asarray([lab for _, lab in pairs], np.int32)
           if not put((images, labels)):
             return

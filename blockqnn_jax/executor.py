@@ -25,6 +25,7 @@ import jax
 
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import nsc
+from blockqnn_jax import streaming
 from blockqnn_jax import train as train_lib
 
 
@@ -39,7 +40,8 @@ class LocalExecutor:
   """Evaluates candidates on groups of local devices, one worker thread per group.
 
   Args:
-    splits: the data; every group gets its own device-resident copy.
+    splits: the data: in-memory ``ImageSplits`` (every group gets its own device-resident
+      copy) or a ``streaming.OpenStream`` (every group streams its own batches).
     config: a config with ``train``, ``reward`` and ``network`` sections.
     devices: the devices to use (default: all local devices).
     devices_per_candidate: devices per group; must divide the number of devices.
@@ -47,20 +49,27 @@ class LocalExecutor:
     grammar: when given, blocks are validated against it.
   """
 
-  def __init__(self, splits: data_lib.ImageSplits, config, devices: Sequence[jax.Device] |
-               None = None, devices_per_candidate: int = 1, compile_ahead: bool = True,
-               grammar: nsc.Grammar | None = None):
+  def __init__(self, splits: data_lib.ImageSplits | streaming.OpenStream, config,
+               devices: Sequence[jax.Device] | None = None, devices_per_candidate: int = 1,
+               compile_ahead: bool = True, grammar: nsc.Grammar | None = None):
     devices = list(devices or jax.local_devices())
     if devices_per_candidate < 1 or len(devices) % devices_per_candidate:
       raise ValueError(f'devices_per_candidate={devices_per_candidate} must divide the '
                        f'{len(devices)} devices')
     self.cache = train_lib.CompileCache()
     self.trainers = []
+    train_config = train_lib.TrainConfig(**config.train)
+    reward_config = train_lib.RewardConfig(**config.reward)
     for i in range(0, len(devices), devices_per_candidate):
-      group = train_lib.DeviceGroup.place(splits, devices[i:i + devices_per_candidate])
-      self.trainers.append(train_lib.CandidateTrainer(
-          group, train_lib.TrainConfig(**config.train), train_lib.RewardConfig(**config.reward),
-          config.network, cache=self.cache, grammar=grammar))
+      group = devices[i:i + devices_per_candidate]
+      if isinstance(splits, streaming.OpenStream):  # too large for the device: streamed
+        self.trainers.append(streaming.StreamingTrainer(
+            splits, group, train_config, reward_config, config.network, cache=self.cache,
+            grammar=grammar))
+      else:
+        self.trainers.append(train_lib.CandidateTrainer(
+            train_lib.DeviceGroup.place(splits, group), train_config, reward_config,
+            config.network, cache=self.cache, grammar=grammar))
     self.compile_ahead = compile_ahead
     self._queue: queue.Queue[_Job | None] = queue.Queue()
     self._compile_pool = concurrent.futures.ThreadPoolExecutor(
@@ -150,7 +159,8 @@ class LocalExecutor:
     self.close()
 
 
-def make_executor(splits: data_lib.ImageSplits, config, *, compile_cache_dir: str | None = None):
+def make_executor(splits: data_lib.ImageSplits | streaming.OpenStream, config, *,
+                  compile_cache_dir: str | None = None):
   """The executor ``config.executor.kind`` names: 'local' (default) or 'ray'.
 
   Both give ``submit(block, seed) -> Future[EvalResult]``, ``map``, ``utilisation`` and

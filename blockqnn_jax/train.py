@@ -63,6 +63,11 @@ class TrainConfig:
       (XLA's RngBitGenerator) compiles in a fraction of threefry's time — threefry's
       unrolled hash was over half of a small candidate's compile time on CPU — at the cost
       of bit streams that differ between backends.
+    loop: how the training steps run. 'scan': the whole training (all epochs) is one XLA
+      program, a ``lax.scan`` over steps; 'steps': one compiled step per batch driven from
+      Python (same keys, same batches, same updates); 'auto': 'steps' on CPU, where XLA runs
+      a scanned body 10-15x slower than the same step dispatched alone (benchmarks/
+      evaluate.py), 'scan' on GPU/TPU.
   """
 
   epochs: int = 12
@@ -77,6 +82,7 @@ class TrainConfig:
   augment: bool = True
   eval_batch_size: int = 1000
   prng_impl: str = 'rbg'
+  loop: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +158,14 @@ def resolve_dtype(compute_dtype: str, devices: Sequence[jax.Device]) -> Any:
   return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[compute_dtype]
 
 
+def resolve_loop(loop: str, devices: Sequence[jax.Device]) -> str:
+  if loop == 'auto':
+    return 'steps' if devices[0].platform == 'cpu' else 'scan'
+  if loop not in ('scan', 'steps'):
+    raise ValueError(f"train.loop must be 'auto', 'scan' or 'steps', got {loop!r}")
+  return loop
+
+
 @flax.struct.dataclass
 class TrainOutput:
   params: Any
@@ -164,22 +178,60 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def steps_per_epoch(config: TrainConfig, num_train: int) -> int:
+  """Full batches per epoch (the remainder is left out of that epoch's shuffle)."""
+  steps = num_train // config.batch_size
+  if steps == 0:
+    raise ValueError(f'batch_size {config.batch_size} exceeds the {num_train} training '
+                     f'images')
+  return steps
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam (AdamW with weight decay) with the learning rate cut by ``lr_decay`` every
+  ``lr_decay_epochs`` epochs."""
+  schedule = optax.exponential_decay(config.learning_rate,
+                                     config.lr_decay_epochs * steps_per_epoch,
+                                     config.lr_decay, staircase=True)
+  if config.weight_decay:
+    return optax.adamw(schedule, config.b1, config.b2, weight_decay=config.weight_decay)
+  return optax.adam(schedule, config.b1, config.b2)
+
+
+def make_step(model, tx: optax.GradientTransformation, config: TrainConfig) -> Callable:
+  """``step(params, batch_stats, opt_state, batch, labels, key, mean, std)`` -> the updated
+  ``(params, batch_stats, opt_state)`` and ``(loss, accuracy)`` of one uint8 batch
+  (augmented when ``config.augment``)."""
+
+  def step(params, batch_stats, opt_state, batch, labels, key, mean, std):
+    if config.augment:
+      x = data_lib.augment(key, batch, mean=mean, std=std)
+    else:
+      x = data_lib.normalize(batch, mean, std)
+
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
+                                    train=True, mutable=['batch_stats'])
+      return _cross_entropy(logits, labels).mean(), (updates['batch_stats'], logits)
+
+    (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    accuracy = (logits.argmax(-1) == labels).mean()
+    return (params, batch_stats, opt_state), (loss, accuracy)
+
+  return step
+
+
 def make_train_fn(model, config: TrainConfig, num_train: int, batch_sharding=None
                   ) -> Callable:
   """``train(key, images, labels, mean, std) -> TrainOutput``, pure and jittable.
 
   ``images`` is the whole training split, uint8 ``(N, H, W, C)``; ``labels`` int32 ``(N,)``.
   """
-  steps = num_train // config.batch_size
-  if steps == 0:
-    raise ValueError(f'batch_size {config.batch_size} exceeds the {num_train} training '
-                     f'images')
-  schedule = optax.exponential_decay(config.learning_rate, config.lr_decay_epochs * steps,
-                                     config.lr_decay, staircase=True)
-  if config.weight_decay:
-    tx = optax.adamw(schedule, config.b1, config.b2, weight_decay=config.weight_decay)
-  else:
-    tx = optax.adam(schedule, config.b1, config.b2)
+  steps = steps_per_epoch(config, num_train)
+  tx = make_optimizer(config, steps)
+  one_step = make_step(model, tx, config)
 
   def constrain(x):
     return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
@@ -192,25 +244,8 @@ def make_train_fn(model, config: TrainConfig, num_train: int, batch_sharding=Non
     opt_state = tx.init(params)
 
     def step(carry, xs):
-      params, batch_stats, opt_state = carry
       index, step_key = xs
-      batch = constrain(images[index])
-      if config.augment:
-        x = data_lib.augment(step_key, batch, mean=mean, std=std)
-      else:
-        x = data_lib.normalize(batch, mean, std)
-      y = labels[index]
-
-      def loss_fn(params):
-        logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x,
-                                      train=True, mutable=['batch_stats'])
-        return _cross_entropy(logits, y).mean(), (updates['batch_stats'], logits)
-
-      (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      accuracy = (logits.argmax(-1) == y).mean()
-      return (params, batch_stats, opt_state), (loss, accuracy)
+      return one_step(*carry, constrain(images[index]), labels[index], step_key, mean, std)
 
     def epoch(carry, epoch_key):
       perm_key, step_key = jax.random.split(epoch_key)
@@ -225,6 +260,79 @@ def make_train_fn(model, config: TrainConfig, num_train: int, batch_sharding=Non
     return TrainOutput(params, batch_stats, loss, accuracy)
 
   return train
+
+
+class StepwiseTrain:
+  """``train(key, images, labels, mean, std) -> TrainOutput`` as ``make_train_fn``'s, but
+  with one compiled program per step, driven from Python: the same epoch keys, batch order
+  and per-step keys as the scanned program, so the two train the same network.
+
+  Built by ``compile_stepwise`` from ahead-of-time compiled pieces.
+  """
+
+  def __init__(self, init, plan, step, epochs: int, steps: int, params_info=None,
+               batch_stats_info=None):
+    self.init, self.plan, self.step = init, plan, step
+    self.epochs, self.steps = epochs, steps
+    self.params_info, self.batch_stats_info = params_info, batch_stats_info  # shapes
+
+  def __call__(self, key, images, labels, mean, std) -> TrainOutput:
+    state, epoch_keys = self.init(key)
+    epoch_loss, epoch_accuracy = [], []
+    for epoch in range(self.epochs):
+      order, step_keys = self.plan(epoch_keys, epoch)
+      losses, accuracies = [], []
+      for i in range(self.steps):
+        state, (loss, accuracy) = self.step(*state, images, labels, order, step_keys, i,
+                                            mean, std)
+        losses.append(loss)
+        accuracies.append(accuracy)
+      epoch_loss.append(jnp.mean(jnp.stack(losses)))
+      epoch_accuracy.append(jnp.mean(jnp.stack(accuracies)))
+    return TrainOutput(state[0], state[1], jnp.stack(epoch_loss), jnp.stack(epoch_accuracy))
+
+
+def compile_stepwise(model, config: TrainConfig, key_shape, images, labels, stats,
+                     replicated, batch_sharding=None) -> StepwiseTrain:
+  """Compiles the pieces of a ``StepwiseTrain`` for abstract (ShapeDtypeStruct) inputs."""
+  num_train = images.shape[0]
+  steps = steps_per_epoch(config, num_train)
+  tx = make_optimizer(config, steps)
+  one_step = make_step(model, tx, config)
+
+  def init(key):
+    init_key, data_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((1,) + images.shape[1:], jnp.float32),
+                           train=False)
+    params = variables['params']
+    return ((params, variables['batch_stats'], tx.init(params)),
+            jax.random.split(data_key, config.epochs))
+
+  def plan(epoch_keys, epoch):
+    perm_key, step_key = jax.random.split(epoch_keys[epoch])
+    order = jax.random.permutation(perm_key, num_train)[:steps * config.batch_size]
+    return order.reshape(steps, config.batch_size), jax.random.split(step_key, steps)
+
+  def step(params, batch_stats, opt_state, images, labels, order, step_keys, i, mean, std):
+    index = order[i]
+    batch = images[index]
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return one_step(params, batch_stats, opt_state, batch, labels[index], step_keys[i],
+                    mean, std)
+
+  jit = lambda f, **kw: jax.jit(f, out_shardings=replicated, **kw)
+  init_l = jit(init).lower(key_shape)
+  state, epoch_keys = init_l.out_info
+  as_input = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+  epoch_keys = as_input(epoch_keys)
+  index = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  plan_l = jit(plan).lower(epoch_keys, index)
+  order, step_keys = (as_input(a) for a in plan_l.out_info)
+  step_l = jit(step, donate_argnums=(0, 1, 2)).lower(
+      *jax.tree.map(as_input, state), images, labels, order, step_keys, index, stats, stats)
+  return StepwiseTrain(init_l.compile(), plan_l.compile(), step_l.compile(), config.epochs,
+                       steps, state[0], state[1])
 
 
 def make_eval_fn(model, config: TrainConfig, num_eval: int) -> Callable:
@@ -257,11 +365,35 @@ def make_eval_fn(model, config: TrainConfig, num_eval: int) -> Callable:
 
 
 @dataclasses.dataclass
-class DeviceGroup:
-  """The devices one candidate runs on, with the data already placed there."""
+class DeviceMesh:
+  """The devices one candidate runs on, as a one-axis ('data') mesh."""
 
   devices: tuple[jax.Device, ...]
   mesh: Mesh
+
+  @classmethod
+  def of(cls, devices: Sequence[jax.Device]) -> 'DeviceMesh':
+    devices = tuple(devices)
+    return cls(devices, Mesh(np.asarray(devices), ('data',)))
+
+  @property
+  def name(self) -> str:
+    return ','.join(f'{d.platform}:{d.id}' for d in self.devices)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batched(self) -> NamedSharding:
+    """Batches split over the devices."""
+    return NamedSharding(self.mesh, P('data'))
+
+
+@dataclasses.dataclass
+class DeviceGroup(DeviceMesh):
+  """The devices one candidate runs on, with the data already placed there."""
+
   train_images: jax.Array
   train_labels: jax.Array
   val_images: jax.Array
@@ -282,14 +414,6 @@ class DeviceGroup:
                put(splits.val_images), put(splits.val_labels),
                put(np.asarray(mean, np.float32)), put(np.asarray(std, np.float32)),
                splits.num_classes)
-
-  @property
-  def name(self) -> str:
-    return ','.join(f'{d.platform}:{d.id}' for d in self.devices)
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
 
   @property
   def batch_sharding(self) -> NamedSharding | None:
@@ -394,18 +518,25 @@ class CandidateTrainer:
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=g.replicated)
     rng = jax.eval_shape(lambda: jax.random.key(0, impl=self.train_config.prng_impl))
     key_shape = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=g.replicated)
-    train_fn = make_train_fn(model, self.train_config, g.train_images.shape[0],
-                             g.batch_sharding)
-    lowered = jax.jit(train_fn, out_shardings=g.replicated).lower(
-        key_shape, abstract(g.train_images), abstract(g.train_labels), abstract(g.mean),
-        abstract(g.std))
-    trained = lowered.out_info  # shapes of the trained variables, known without running
+    if resolve_loop(self.train_config.loop, g.devices) == 'steps':
+      train = compile_stepwise(model, self.train_config, key_shape, abstract(g.train_images),
+                               abstract(g.train_labels), abstract(g.mean), g.replicated,
+                               g.batch_sharding)
+      params, batch_stats = train.params_info, train.batch_stats_info
+    else:
+      train_fn = make_train_fn(model, self.train_config, g.train_images.shape[0],
+                               g.batch_sharding)
+      lowered = jax.jit(train_fn, out_shardings=g.replicated).lower(
+          key_shape, abstract(g.train_images), abstract(g.train_labels), abstract(g.mean),
+          abstract(g.std))
+      trained = lowered.out_info  # shapes of the trained variables, known without running
+      params, batch_stats = trained.params, trained.batch_stats
+      train = lowered.compile()
     eval_fn = make_eval_fn(model, self.train_config, g.val_images.shape[0])
     evaluate = jax.jit(eval_fn, out_shardings=g.replicated).lower(
-        jax.tree.map(abstract, trained.params), jax.tree.map(abstract, trained.batch_stats),
+        jax.tree.map(abstract, params), jax.tree.map(abstract, batch_stats),
         abstract(g.val_images), abstract(g.val_labels), abstract(g.mean),
         abstract(g.std)).compile()
-    train = lowered.compile()
     compiled = CompiledCandidate(train, evaluate, time.perf_counter() - start)
     self.cache.put(cache_key, compiled)
     return compiled, False

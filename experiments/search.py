@@ -18,9 +18,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import search as search_lib
+from blockqnn_jax import streaming
 from blockqnn_jax import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
@@ -40,12 +40,13 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   # Programs of candidates in flight at a kill are reloaded, not recompiled, on resume.
   train_lib.enable_persistent_compilation_cache(workdir / 'compile_cache')
-  splits = data_lib.load_splits(
-      config.data.source, name=config.data.name, path=config.data.path or None,
-      validation_size=config.data.validation_size, seed=config.seed,
-      max_train=config.data.max_train or None)
-  logging.info('data %s: %d train / %d validation images of %s', splits.name,
-               len(splits.train_labels), len(splits.val_labels), splits.image_shape)
+  splits = streaming.load_search_data(config)
+  if isinstance(splits, streaming.OpenStream):
+    logging.info('data %s (streamed): %d train / %d validation images at %s', splits.name,
+                 len(splits.train_indices), len(splits.val_indices), splits.image_shape)
+  else:
+    logging.info('data %s: %d train / %d validation images of %s', splits.name,
+                 len(splits.train_labels), len(splits.val_labels), splits.image_shape)
   with executor_lib.make_executor(splits, config,
                                   compile_cache_dir=str(workdir.resolve() / 'compile_cache')
                                   ) as executor:
