@@ -39,6 +39,14 @@ from blockqnn_jax.train import EvalResult
 
 # Sections that may change between a run and its resumption: they decide how, not what.
 RESUMABLE_CHANGES = ('executor.',)
+# Fields added to the config after a workdir may have been created: a stored config that
+# lacks one ran with this value (so a workdir from an older version resumes as it was).
+ADDED_FIELDS = {
+    'search.max_staleness': 0,
+    'search.failed_reward': 0.0,
+    'train.loop': 'auto',  # scan and steps train the same network (tests/test_train.py)
+    'data.stream': False,
+}
 
 
 class ConfigMismatch(RuntimeError):
@@ -74,7 +82,7 @@ def check_config(store: store_lib.ResultsStore, config, allow_change: bool) -> N
   if old is None:
     store.set_meta('config', new)
     return
-  changed = store_lib.config_differences(old, new, ignore=())
+  changed = store_lib.config_differences(old, new, ignore=(), defaults=ADDED_FIELDS)
   changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
   if changed and not allow_change:
     raise ConfigMismatch(

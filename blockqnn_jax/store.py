@@ -244,8 +244,12 @@ def config_json(config) -> str:
   return json.dumps(as_dict, sort_keys=True, default=str)
 
 
-def config_differences(old: str, new: str, ignore: Iterable[str] = ()) -> list[str]:
-  """Dotted keys whose values differ between two ``config_json`` strings."""
+def config_differences(old: str, new: str, ignore: Iterable[str] = (),
+                       defaults: dict[str, Any] | None = None) -> list[str]:
+  """Dotted keys whose values differ between two ``config_json`` strings.
+
+  A key in ``defaults`` that one side lacks compares as its default value there.
+  """
   def flatten(d, prefix=''):
     out = {}
     for k, v in d.items():
@@ -255,6 +259,8 @@ def config_differences(old: str, new: str, ignore: Iterable[str] = ()) -> list[s
       else:
         out[key] = v
     return out
-  a, b = flatten(json.loads(old)), flatten(json.loads(new))
+  defaults = json.loads(json.dumps(defaults or {}))  # as it would read back from JSON
+  a = {**defaults, **flatten(json.loads(old))}
+  b = {**defaults, **flatten(json.loads(new))}
   ignored = set(ignore)
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignored)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -267,3 +268,20 @@ def test_asynchronous_search_resumes_exactly(tmp_path):
   ref_rows, _, ref_arrays = _rows(tmp_path / 'reference')
   assert rows == ref_rows and next_iteration == 9
   np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])
+
+
+def test_workdir_from_before_a_config_field_existed_resumes(tmp_path):
+  """A stored config without a later-added field ran with its default: not a change."""
+  config = _config()
+  search_lib.run_search(config, tmp_path, ScoringExecutor(), max_iterations=1, progress=False)
+  store = store_lib.ResultsStore(tmp_path)
+  old = json.loads(store.get_meta('config'))
+  del old['search']['max_staleness'], old['train']['loop']
+  store.set_meta('config', json.dumps(old))
+  store.close()
+  summary = search_lib.run_search(config, tmp_path, ScoringExecutor(), max_iterations=1,
+                                  progress=False)
+  assert summary.iterations_done == 2
+  config.search.max_staleness = 1  # but a value other than the default is a change
+  with pytest.raises(search_lib.ConfigMismatch, match='search.max_staleness'):
+    search_lib.run_search(config, tmp_path, ScoringExecutor(), progress=False)
