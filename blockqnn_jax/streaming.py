@@ -182,10 +182,16 @@ class StreamingTrainer:
                                                          sharding=g.batched)
     stats = jax.ShapeDtypeStruct(self.mean.shape, jnp.float32, sharding=g.replicated)
     b, e = config.batch_size, config.eval_batch_size
-    step_c = jax.jit(train_lib.make_step(model, tx, config), donate_argnums=(0, 1, 2),
-                     out_shardings=g.replicated).lower(
+    one_step = train_lib.make_step(model, tx, config)
+
+    def step(params, batch_stats, opt_state, images, labels, data_key, i, mean, std):
+      return one_step(params, batch_stats, opt_state, images, labels,
+                      jax.random.fold_in(data_key, i), mean, std)
+
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=g.replicated)
+    step_c = jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=g.replicated).lower(
         *state, batch(b, self.stream.image_shape, jnp.uint8), batch(b, (), jnp.int32), key,
-        stats, stats)
+        index, stats, stats)
     eval_c = jax.jit(evaluate, out_shardings=g.replicated).lower(
         state[0], state[1], batch(e, self.stream.image_shape, jnp.uint8),
         batch(e, (), jnp.int32), batch(e, (), jnp.float32), stats, stats)
@@ -211,16 +217,16 @@ class StreamingTrainer:
                   params=int(cost.network_params(spec)))
       compiled, cached = compiled if compiled is not None else self.compile(block)
       g = self.group
-      init_key, data_key = jax.random.split(jax.random.key(seed, impl=config.prng_impl))
-      state = compiled.init(jax.device_put(init_key, g.replicated))
+      init_key, data_key = (jax.device_put(k, g.replicated) for k in jax.random.split(
+          jax.random.key(seed, impl=config.prng_impl)))
+      state = compiled.init(init_key)
       t0 = time.perf_counter()
       epoch_losses, losses = [], []
       stream = self.stream.batches('train', config.batch_size, seed=seed,
                                    num_epochs=config.epochs)
       for i, (images, labels) in enumerate(stream):
-        step_key = jax.device_put(jax.random.fold_in(data_key, i), g.replicated)
         state, (loss, _) = compiled.step(*state, jax.device_put(images, g.batched),
-                                         jax.device_put(labels, g.batched), step_key,
+                                         jax.device_put(labels, g.batched), data_key, i,
                                          self.mean, self.std)
         losses.append(loss)
         if len(losses) == self.steps_per_epoch:

@@ -66,7 +66,7 @@ class TrainConfig:
     loop: how the training steps run. 'scan': the whole training (all epochs) is one XLA
       program, a ``lax.scan`` over steps; 'steps': one compiled step per batch driven from
       Python (same keys, same batches, same updates); 'auto': 'steps' on CPU, where XLA runs
-      a scanned body 10-15x slower than the same step dispatched alone (benchmarks/
+      a scanned body 9-20x slower than the same step dispatched alone (benchmarks/
       evaluate.py), 'scan' on GPU/TPU.
   """
 

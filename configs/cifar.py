@@ -92,7 +92,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       eval_batch_size=1000,
       prng_impl='rbg',
       # 'scan': all epochs as one XLA program; 'steps': one compiled step per batch from
-      # Python. 'auto' = steps on CPU (XLA:CPU ran the scanned step 7-20x slower here,
+      # Python. 'auto' = steps on CPU (XLA:CPU ran the scanned step 9-20x slower here,
       # benchmarks/evaluate.py --loops=scan,steps), scan on GPU/TPU.
       loop='auto',
   ))
