@@ -86,7 +86,6 @@ class _Job:
   seed: int
   future: concurrent.futures.Future
   attempts: int = 0
-  lost: list[str] = dataclasses.field(default_factory=list)  # why earlier attempts ended
 
 
 @dataclasses.dataclass
@@ -324,7 +323,6 @@ class RayExecutor:
     reason = f'worker lost ({worker.name} on {host}): {reason.splitlines()[0][:200]}'
     logging.warning('%s', reason)
     for lost in [job, *worker.jobs.values()]:
-      lost.lost.append(reason)
       if lost.attempts >= self.max_attempts:
         lost.future.set_result(self._failed(
             lost, f'{reason}; gave up after {lost.attempts} attempt(s)'))

@@ -245,7 +245,8 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
         next_sample += 1
       it = pending[learned]
       while not it.complete:
-        done, _ = concurrent.futures.wait(waiters, return_when=concurrent.futures.FIRST_COMPLETED)
+        done, _ = concurrent.futures.wait(waiters,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
           result = future.result()
           key, positions = waiters.pop(future)

@@ -405,19 +405,17 @@ class DeviceGroup(DeviceMesh):
   @classmethod
   def place(cls, splits: data_lib.ImageSplits, devices: Sequence[jax.Device]) -> 'DeviceGroup':
     """Copies the train and validation splits to ``devices`` (replicated on each)."""
-    devices = tuple(devices)
-    mesh = Mesh(np.asarray(devices), ('data',))
-    replicated = NamedSharding(mesh, P())
-    put = lambda a: jax.device_put(a, replicated)
+    on = DeviceMesh.of(devices)
+    put = lambda a: jax.device_put(a, on.replicated)
     mean, std = splits.channel_stats()
-    return cls(devices, mesh, put(splits.train_images), put(splits.train_labels),
+    return cls(on.devices, on.mesh, put(splits.train_images), put(splits.train_labels),
                put(splits.val_images), put(splits.val_labels),
                put(np.asarray(mean, np.float32)), put(np.asarray(std, np.float32)),
                splits.num_classes)
 
   @property
   def batch_sharding(self) -> NamedSharding | None:
-    return NamedSharding(self.mesh, P('data')) if len(self.devices) > 1 else None
+    return self.batched if len(self.devices) > 1 else None
 
 
 @dataclasses.dataclass
