@@ -31,6 +31,7 @@ import ml_collections
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
+from blockqnn_jax import results
 from blockqnn_jax import streaming
 from blockqnn_jax import train as train_lib
 
@@ -108,7 +109,7 @@ def main(argv):
   for loop in _LOOPS.value:
     looped = _config(splits.num_classes, loop)
     trainer = train_lib.CandidateTrainer(group, train_lib.TrainConfig(**looped.train),
-                                         train_lib.RewardConfig(**looped.reward),
+                                         results.RewardConfig(**looped.reward),
                                          looped.network)
     print(f'\ndata on the device, train.loop={loop} '
           f'({train_lib.resolve_loop(loop, [device])}):')
@@ -124,7 +125,7 @@ def main(argv):
     print(f'\nstreamed from the host ({_DECODE_THREADS.value} decoding threads), one '
           'program per step:')
     _table(streaming.StreamingTrainer(stream, [device], train_lib.TrainConfig(**config.train),
-                                      train_lib.RewardConfig(**config.reward),
+                                      results.RewardConfig(**config.reward),
                                       config.network), blocks)
 
   if _COMPARE.value:

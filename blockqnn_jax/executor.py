@@ -25,6 +25,7 @@ import jax
 
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import nsc
+from blockqnn_jax import results
 from blockqnn_jax import streaming
 from blockqnn_jax import train as train_lib
 
@@ -59,7 +60,7 @@ class LocalExecutor:
     self.cache = train_lib.CompileCache()
     self.trainers = []
     train_config = train_lib.TrainConfig(**config.train)
-    reward_config = train_lib.RewardConfig(**config.reward)
+    reward_config = results.RewardConfig(**config.reward)
     for i in range(0, len(devices), devices_per_candidate):
       group = devices[i:i + devices_per_candidate]
       if isinstance(splits, streaming.OpenStream):  # too large for the device: streamed
@@ -91,7 +92,7 @@ class LocalExecutor:
     return future
 
   def map(self, blocks: Iterable[nsc.Block], seeds: Iterable[int] | None = None
-          ) -> list[train_lib.EvalResult]:
+          ) -> list[results.EvalResult]:
     blocks = list(blocks)
     seeds = list(seeds) if seeds is not None else [0] * len(blocks)
     futures = [self.submit(b, s) for b, s in zip(blocks, seeds)]
@@ -135,10 +136,10 @@ class LocalExecutor:
         compiled = compiling.result() if compiling is not None else None
         evaluation = trainer.evaluate(job.block, seed=job.seed, compiled=compiled)
       except Exception as e:  # never let the thread die and leave futures pending
-        evaluation = train_lib.EvalResult(
+        evaluation = results.EvalResult(
             block=job.block.to_text() if isinstance(job.block, nsc.Block) else str(job.block),
             canonical_key='', status='failed',
-            failure_reason=train_lib.describe_failure(e), device=trainer.group.name)
+            failure_reason=results.describe_failure(e), device=trainer.group.name)
       self._busy_s[index] += time.perf_counter() - start
       job.future.set_result(evaluation)
       if stopping and pending is None:

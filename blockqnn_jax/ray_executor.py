@@ -34,7 +34,8 @@ from typing import Any, Iterable
 from blockqnn_jax import canonical
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import nsc
-from blockqnn_jax.train import EvalResult
+from blockqnn_jax import results
+from blockqnn_jax.results import EvalResult
 
 try:
   import ray

@@ -35,7 +35,7 @@ from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import space as space_lib
 from blockqnn_jax import store as store_lib
-from blockqnn_jax.train import EvalResult
+from blockqnn_jax.results import EvalResult
 
 # Sections that may change between a run and its resumption: they decide how, not what.
 RESUMABLE_CHANGES = ('executor.',)
@@ -222,13 +222,13 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
     for position, block in enumerate(blocks):
       if position in recorded:  # recorded before an interruption
         row = recorded[position]
-        it.results[position] = store_lib.result_from_candidate(row)
+        it.results[position] = row.result
         it.cached[position] = row.cached
         continue
       key = canonical.canonical_key(block)
       earlier = store.trained(key)
       if earlier is not None:
-        record(it, position, dataclasses.replace(store_lib.result_from_candidate(earlier),
+        record(it, position, dataclasses.replace(earlier.result,
                                                  block=block.to_text()), True)
       elif key in training:  # the same block is training for this or an earlier iteration
         waiters[training[key]][1].append((index, position))

@@ -20,10 +20,8 @@ search resumes from it. Tables:
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -32,35 +30,22 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from blockqnn_jax.train import EvalResult
+from blockqnn_jax import results
+from blockqnn_jax.results import Candidate, EvalResult
 
 SCHEMA_VERSION = 1
 DB_NAME = 'search.sqlite'
 
-_SCHEMA = """
+
+def _schema() -> str:
+  columns = ',\n  '.join(
+      f'{c.name} {c.sql_type}' + (' NOT NULL' if c.name in results.REQUIRED else '')
+      for c in results.COLUMNS)
+  return f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS candidates (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
-  iteration INTEGER NOT NULL,
-  position INTEGER NOT NULL,
-  epsilon REAL NOT NULL,
-  nsc TEXT NOT NULL,
-  canonical_key TEXT NOT NULL,
-  cached INTEGER NOT NULL,
-  status TEXT NOT NULL,
-  failure_reason TEXT NOT NULL,
-  reward REAL,
-  val_accuracy REAL,
-  flops INTEGER,
-  density REAL,
-  params INTEGER,
-  final_loss REAL,
-  compile_s REAL,
-  train_s REAL,
-  eval_s REAL,
-  total_s REAL,
-  device TEXT,
-  created_at REAL NOT NULL,
+  {columns},
   UNIQUE(iteration, position)
 );
 CREATE INDEX IF NOT EXISTS candidates_by_key ON candidates(canonical_key);
@@ -76,67 +61,130 @@ CREATE TABLE IF NOT EXISTS agent_state (
 );
 """
 
-_RESULT_FIELDS = ('status', 'failure_reason', 'reward', 'val_accuracy', 'flops', 'density',
-                  'params', 'final_loss', 'compile_s', 'train_s', 'eval_s', 'total_s', 'device')
+
+class StoreError(RuntimeError):
+  """The workdir's database is missing, corrupt, or not a search store."""
 
 
-def _finite_or_none(value):
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
+def database_path(path: str | Path) -> Path:
+  """The database of a workdir, or ``path`` itself if it is the database file.
+
+  Raises:
+    FileNotFoundError: if the workdir or its database does not exist.
+  """
+  path = Path(path)
+  if path.is_dir():
+    path = path / DB_NAME
+    if not path.is_file():
+      raise FileNotFoundError(f'no search database {path} (is this a search workdir?)')
+    return path
+  if not path.is_file():
+    raise FileNotFoundError(f'no search workdir or database at {path}')
+  return path
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-  """A row of ``candidates``."""
-
-  iteration: int
-  position: int
-  epsilon: float
-  nsc: str
-  canonical_key: str
-  cached: bool
-  status: str
-  failure_reason: str
-  reward: float | None
-  val_accuracy: float | None
-  flops: int | None
-  density: float | None
-  params: int | None
-  final_loss: float | None
-  compile_s: float | None
-  train_s: float | None
-  eval_s: float | None
-  total_s: float | None
-  device: str | None
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+  """Opens read-only, so a reader can never create, lock or change the search's database."""
+  try:
+    db = sqlite3.connect(f'{path.resolve().as_uri()}?mode=ro', uri=True,
+                         check_same_thread=False)
+    db.execute('SELECT 1 FROM sqlite_master LIMIT 1')
+    return db
+  except sqlite3.OperationalError:
+    # A WAL database in a read-only directory cannot make its -shm file: read it as a file.
+    return sqlite3.connect(f'{path.resolve().as_uri()}?immutable=1', uri=True,
+                           check_same_thread=False)
 
 
 class ResultsStore:
-  """The SQLite store of one search (thread-safe; one connection, serialised)."""
+  """The SQLite store of one search (thread-safe; one connection, serialised).
 
-  def __init__(self, workdir: str | Path):
-    self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    self.path = self.workdir / DB_NAME
+  ``ResultsStore(workdir)`` creates or opens the store for the search;
+  ``ResultsStore.open_read_only(path)`` opens an existing one (a workdir or the file) for
+  the report and for retraining, without ever writing to it.
+  """
+
+  def __init__(self, workdir: str | Path, *, _read_only_path: Path | None = None):
     self._lock = threading.Lock()
-    self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-    self._db.execute('PRAGMA journal_mode=WAL')  # readers (the report) never block the search
-    self._db.execute('PRAGMA synchronous=FULL')
-    with self._lock:
-      self._db.executescript(_SCHEMA)
-      self._db.execute('INSERT OR IGNORE INTO meta VALUES (?, ?)',
-                       ('schema_version', str(SCHEMA_VERSION)))
+    self.read_only = _read_only_path is not None
+    if self.read_only:
+      self.path = _read_only_path
+      self.workdir = self.path.parent
+      self._db = _connect_read_only(self.path)
+    else:
+      self.workdir = Path(workdir)
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self.path = self.workdir / DB_NAME
+      self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+      self._db.execute('PRAGMA journal_mode=WAL')  # readers (the report) never block the search
+      self._db.execute('PRAGMA synchronous=FULL')
+      with self._lock:
+        self._db.executescript(_schema())
+        self._db.execute('INSERT OR IGNORE INTO meta VALUES (?, ?)',
+                         ('schema_version', str(SCHEMA_VERSION)))
+        self._add_missing_columns()
+    self._columns = self._table_columns()
+
+  @classmethod
+  def open_read_only(cls, path: str | Path) -> 'ResultsStore':
+    """An existing store (a workdir or its database file), read-only.
+
+    Raises:
+      FileNotFoundError: no database there.
+      StoreError: the file is not a search store.
+    """
+    store = cls(None, _read_only_path=database_path(path))
+    if 'canonical_key' not in store._columns:
+      store.close()
+      raise StoreError(f'{store.path} is not a search database (no candidates table)')
+    missing = [c for c in results.REQUIRED if c not in store._columns]
+    if missing:
+      store.close()
+      raise StoreError(f'{store.path}: table candidates lacks columns {missing}')
+    return store
+
+  def _table_columns(self) -> set[str]:
+    try:
+      with self._lock:
+        rows = self._db.execute('PRAGMA table_info(candidates)').fetchall()
+    except sqlite3.DatabaseError as e:
+      raise StoreError(f'{self.path} is not a search database: {e}') from None
+    return {r[1] for r in rows}
+
+  def _add_missing_columns(self) -> None:
+    """A store made by an older version gains the columns added since (left NULL)."""
+    have = {r[1] for r in self._db.execute('PRAGMA table_info(candidates)').fetchall()}
+    for c in results.COLUMNS:
+      if c.name not in have:
+        self._db.execute(f'ALTER TABLE candidates ADD COLUMN {c.name} {c.sql_type}')
 
   def close(self) -> None:
     with self._lock:
       self._db.close()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   # -- meta ---------------------------------------------------------------------------------
 
   def get_meta(self, key: str) -> str | None:
     with self._lock:
-      row = self._db.execute('SELECT value FROM meta WHERE key = ?', (key,)).fetchone()
+      try:
+        row = self._db.execute('SELECT value FROM meta WHERE key = ?', (key,)).fetchone()
+      except sqlite3.OperationalError:  # a read-only store without a meta table
+        return None
     return row[0] if row else None
+
+  def meta(self) -> dict[str, str]:
+    """The ``meta`` table as a dict (empty if the database has none)."""
+    with self._lock:
+      try:
+        return dict(self._db.execute('SELECT key, value FROM meta').fetchall())
+      except sqlite3.DatabaseError:
+        return {}
 
   def set_meta(self, key: str, value: str) -> None:
     with self._lock:
@@ -147,14 +195,13 @@ class ResultsStore:
   def record(self, iteration: int, position: int, epsilon: float, result: EvalResult,
              cached: bool) -> None:
     """Records one candidate; a second record of the same (iteration, position) is ignored."""
-    values = {f: _finite_or_none(getattr(result, f)) for f in _RESULT_FIELDS}
+    row = results.to_row(Candidate.of(result, iteration=iteration, position=position,
+                                      epsilon=epsilon, cached=cached,
+                                      created_at=time.time()))
     with self._lock:
       self._db.execute(
-          'INSERT OR IGNORE INTO candidates (iteration, position, epsilon, nsc, canonical_key, '
-          f'cached, {", ".join(_RESULT_FIELDS)}, created_at) VALUES '
-          f'(?, ?, ?, ?, ?, ?, {", ".join("?" * len(_RESULT_FIELDS))}, ?)',
-          (iteration, position, float(epsilon), result.block, result.canonical_key,
-           int(cached), *values.values(), time.time()))
+          f'INSERT OR IGNORE INTO candidates ({", ".join(row)}) VALUES '
+          f'({", ".join("?" * len(row))})', tuple(row.values()))
 
   def iteration_rows(self, iteration: int) -> dict[int, Candidate]:
     """The recorded candidates of an iteration, by position."""
@@ -167,23 +214,27 @@ class ResultsStore:
     return rows[0] if rows else None
 
   def candidates(self) -> list[Candidate]:
-    return self._select('ORDER BY iteration, position', ())
+    """Every candidate, ordered by (iteration, position)."""
+    return self._select('ORDER BY iteration, position, id', ())
 
   def count(self, where: str = '', args: tuple = ()) -> int:
     with self._lock:
       return self._db.execute(f'SELECT COUNT(*) FROM candidates {where}', args).fetchone()[0]
 
   def best(self) -> Candidate | None:
-    rows = self._select("WHERE status = 'ok' ORDER BY reward DESC LIMIT 1", ())
+    rows = self._select("WHERE status = 'ok' AND reward IS NOT NULL ORDER BY reward DESC, id "
+                        'LIMIT 1', ())
     return rows[0] if rows else None
 
   def _select(self, clause: str, args: tuple) -> list[Candidate]:
-    names = [f.name for f in dataclasses.fields(Candidate)]
+    names = ['id'] + [c.name for c in results.COLUMNS if c.name in self._columns]
     with self._lock:
-      rows = self._db.execute(f'SELECT {", ".join(names)} FROM candidates {clause}',
-                              args).fetchall()
-    return [Candidate(**{**dict(zip(names, r)), 'cached': bool(r[names.index('cached')])})
-            for r in rows]
+      try:
+        rows = self._db.execute(f'SELECT {", ".join(names)} FROM candidates {clause}',
+                                args).fetchall()
+      except sqlite3.DatabaseError as e:
+        raise StoreError(f'{self.path}: cannot read the candidates table ({e})') from None
+    return [results.from_row(dict(zip(names, r))) for r in rows]
 
   # -- agent state --------------------------------------------------------------------------
 
@@ -223,19 +274,6 @@ def _npz_bytes(arrays: dict[str, Any]) -> bytes:
 def _npz_arrays(blob: bytes) -> dict[str, np.ndarray]:
   with np.load(io.BytesIO(blob)) as arrays:
     return {k: arrays[k] for k in arrays.files}
-
-
-def result_from_candidate(row: Candidate) -> EvalResult:
-  """An earlier candidate's result, to reuse for an identical block."""
-  nan = float('nan')
-  return EvalResult(
-      block=row.nsc, canonical_key=row.canonical_key, status=row.status,
-      failure_reason=row.failure_reason,
-      val_accuracy=nan if row.val_accuracy is None else row.val_accuracy,
-      reward=nan if row.reward is None else row.reward,
-      final_loss=nan if row.final_loss is None else row.final_loss,
-      flops=row.flops or 0, density=nan if row.density is None else row.density,
-      params=row.params or 0, device=row.device or '')
 
 
 def config_json(config) -> str:

@@ -29,6 +29,7 @@ from blockqnn_jax import cost
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import networks
 from blockqnn_jax import nsc
+from blockqnn_jax import results
 from blockqnn_jax import train as train_lib
 
 # Per-channel pixel mean and standard deviation of ImageNet's training set (0-255 scale).
@@ -126,7 +127,7 @@ class StreamingTrainer:
   """Trains candidates on streamed batches; the counterpart of ``train.CandidateTrainer``."""
 
   def __init__(self, stream: OpenStream, devices: Sequence[jax.Device],
-               train_config: train_lib.TrainConfig, reward_config: train_lib.RewardConfig,
+               train_config: train_lib.TrainConfig, reward_config: results.RewardConfig,
                network_config, cache: train_lib.CompileCache | None = None,
                grammar: nsc.Grammar | None = None):
     self.stream = stream
@@ -201,7 +202,7 @@ class StreamingTrainer:
     return compiled, False
 
   def evaluate(self, block: nsc.Block, seed: int = 0,
-               compiled: tuple[CompiledStep, bool] | None = None) -> train_lib.EvalResult:
+               compiled: tuple[CompiledStep, bool] | None = None) -> results.EvalResult:
     """Trains ``block`` on the streamed training part and validates it on the held-out
     part; failures come back as a failed result."""
     start = time.perf_counter()
@@ -233,7 +234,7 @@ class StreamingTrainer:
           epoch_losses.append(float(jnp.mean(jnp.stack(losses))))
           losses = []
           if not math.isfinite(epoch_losses[-1]):
-            raise train_lib._Diverged(f'diverged: training loss is {epoch_losses[-1]} in '
+            raise results.Diverged(f'diverged: training loss is {epoch_losses[-1]} in '
                                       f'epoch {len(epoch_losses)}')
       jax.block_until_ready(state)
       train_s = time.perf_counter() - t0
@@ -241,18 +242,18 @@ class StreamingTrainer:
       accuracy, val_loss = self._validate(compiled, state[0], state[1])
       eval_s = time.perf_counter() - t0
       if not math.isfinite(val_loss):
-        raise train_lib._Diverged(f'diverged: validation loss is {val_loss}')
-      reward = train_lib.compute_reward(accuracy, flops, reference, density,
+        raise results.Diverged(f'diverged: validation loss is {val_loss}')
+      reward = results.compute_reward(accuracy, flops, reference, density,
                                         self.reward_config)
       images_seen = config.epochs * self.steps_per_epoch * config.batch_size
-      return train_lib.EvalResult(
+      return results.EvalResult(
           **base, status='ok', val_accuracy=accuracy, reward=reward,
           final_loss=epoch_losses[-1], compile_s=0.0 if cached else compiled.compile_s,
           train_s=train_s, eval_s=eval_s, total_s=time.perf_counter() - start,
           images_per_s=images_seen / train_s, compile_cached=cached)
     except Exception as e:  # a failed candidate is a result; the search goes on
-      return train_lib.EvalResult(**base, status='failed',
-                                  failure_reason=train_lib.describe_failure(e),
+      return results.EvalResult(**base, status='failed',
+                                  failure_reason=results.describe_failure(e),
                                   total_s=time.perf_counter() - start)
 
   def _validate(self, compiled: CompiledStep, params, batch_stats) -> tuple[float, float]:

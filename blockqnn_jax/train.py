@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import traceback
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -41,6 +40,8 @@ from blockqnn_jax import cost
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import networks
 from blockqnn_jax import nsc
+from blockqnn_jax import results
+from blockqnn_jax.results import EvalResult, RewardConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,64 +84,6 @@ class TrainConfig:
   eval_batch_size: int = 1000
   prng_impl: str = 'rbg'
   loop: str = 'auto'
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-  """``reward = accuracy − μ·log(FLOPs / reference) − ρ·log(density)`` [reconstructed].
-
-  FLOPs are the block's own forward FLOPs per image at the first stage (width F, full
-  resolution), normalised by those of a reference block: one 3×3 convolution F → F at the
-  same size. Blocks cheaper than the reference get no bonus (the ratio is floored at 1), so
-  the FLOPs term is a pure penalty. With the defaults a typical block of a few 3×3 convs
-  (ratio ~5-20) loses 1.6-3 points for FLOPs and ~1 point per unit of log-density: a few
-  accuracy points, as the paper intends. μ = ρ = 0 gives plain accuracy.
-  """
-
-  mu: float = 0.01
-  rho: float = 0.02
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalResult:
-  """What evaluating one candidate produced; ``status`` is 'ok' or 'failed'.
-
-  Times are wall-clock seconds: ``compile_s`` (both programs; 0 when cached), ``train_s``
-  (the training program, data already on the device), ``eval_s`` (validation), ``total_s``
-  (everything, including placing data and building the model).
-  """
-
-  block: str
-  canonical_key: str
-  status: str
-  failure_reason: str = ''
-  val_accuracy: float = float('nan')
-  reward: float = float('nan')
-  final_loss: float = float('nan')
-  flops: int = 0
-  density: float = float('nan')
-  params: int = 0
-  compile_s: float = 0.0
-  train_s: float = 0.0
-  eval_s: float = 0.0
-  total_s: float = 0.0
-  images_per_s: float = 0.0
-  device: str = ''
-  compile_cached: bool = False
-
-  @property
-  def ok(self) -> bool:
-    return self.status == 'ok'
-
-  def as_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-def compute_reward(accuracy: float, block_flops: float, reference_flops: float,
-                   density: float, config: RewardConfig) -> float:
-  """The BlockQNN reward (see ``RewardConfig``)."""
-  flops_ratio = max(block_flops / reference_flops, 1.0)
-  return accuracy - config.mu * math.log(flops_ratio) - config.rho * math.log(density)
 
 
 def block_cost_terms(block: nsc.Block, spec: networks.NetworkSpec) -> tuple[int, int]:
@@ -568,15 +511,15 @@ class CandidateTrainer:
       train_s = time.perf_counter() - t0
       if not np.isfinite(losses).all():
         epoch = int(np.argmin(np.isfinite(losses))) + 1
-        raise _Diverged(f'diverged: training loss is {losses[epoch - 1]} in epoch {epoch}')
+        raise results.Diverged(f'diverged: training loss is {losses[epoch - 1]} in epoch {epoch}')
       t0 = time.perf_counter()
       accuracy, val_loss = compiled.evaluate(out.params, out.batch_stats, g.val_images,
                                              g.val_labels, g.mean, g.std)
       accuracy = float(accuracy)
       eval_s = time.perf_counter() - t0
       if not math.isfinite(float(val_loss)):
-        raise _Diverged(f'diverged: validation loss is {float(val_loss)}')
-      reward = compute_reward(accuracy, flops, reference, density, self.reward_config)
+        raise results.Diverged(f'diverged: validation loss is {float(val_loss)}')
+      reward = results.compute_reward(accuracy, flops, reference, density, self.reward_config)
       images = self.train_config.epochs * (g.train_images.shape[0] //
                                            self.train_config.batch_size) * \
           self.train_config.batch_size
@@ -586,27 +529,8 @@ class CandidateTrainer:
                         eval_s=eval_s, total_s=time.perf_counter() - start,
                         images_per_s=images / train_s, compile_cached=cached)
     except Exception as e:  # a failed candidate is a result; the search goes on
-      return EvalResult(**base, status='failed', failure_reason=describe_failure(e),
+      return EvalResult(**base, status='failed', failure_reason=results.describe_failure(e),
                         total_s=time.perf_counter() - start)
-
-
-class _Diverged(RuntimeError):
-  pass
-
-
-def describe_failure(error: BaseException) -> str:
-  """A one-line reason, classifying invalid blocks, divergence and out-of-memory."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  if isinstance(error, nsc.NSCError):
-    return f'invalid block: {error}'
-  if isinstance(error, _Diverged):
-    return text
-  if 'RESOURCE_EXHAUSTED' in str(error) or isinstance(error, MemoryError) or \
-      'out of memory' in str(error).lower():
-    return f'out of memory: {text[:300]}'
-  where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-  place = f' (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})' if where else ''
-  return f'error: {type(error).__name__}: {text[:300]}{place}'
 
 
 def enable_persistent_compilation_cache(directory: str | None) -> None:

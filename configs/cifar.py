@@ -98,7 +98,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # reward = accuracy - mu * log(FLOPs / reference) - rho * log(density) [reconstructed];
-  # see train.RewardConfig for the normalisation. mu = rho = 0 is plain accuracy.
+  # see results.RewardConfig for the normalisation. mu = rho = 0 is plain accuracy.
   config.reward = ml_collections.ConfigDict(dict(mu=0.01, rho=0.02))
 
   # Where candidates train (executor.make_executor): 'local' spreads them over this

@@ -17,7 +17,7 @@ import pytest
 from blockqnn_jax import canonical
 from blockqnn_jax import search as search_lib
 from blockqnn_jax import store as store_lib
-from blockqnn_jax.train import EvalResult
+from blockqnn_jax.results import EvalResult
 from configs import cifar
 
 
@@ -127,7 +127,7 @@ def test_changed_config_is_refused_unless_allowed(tmp_path):
 _KILLABLE = textwrap.dedent('''
     import concurrent.futures, hashlib, sys, time
     from blockqnn_jax import canonical, search
-    from blockqnn_jax.train import EvalResult
+    from blockqnn_jax.results import EvalResult
     from configs import cifar
 
     class SlowExecutor:

@@ -11,6 +11,7 @@ import pytest
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
+from blockqnn_jax import results
 from blockqnn_jax import streaming
 from blockqnn_jax import train as train_lib
 
@@ -53,7 +54,7 @@ def _config(**train):
 def _trainer(stream, config, devices=None):
   return streaming.StreamingTrainer(stream, devices or jax.local_devices()[:1],
                                     train_lib.TrainConfig(**config.train),
-                                    train_lib.RewardConfig(**config.reward), config.network)
+                                    results.RewardConfig(**config.reward), config.network)
 
 
 def test_validation_is_held_out_of_the_training_split(stream, tmp_path):

@@ -11,6 +11,7 @@ from blockqnn_jax import cost
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
+from blockqnn_jax import results
 from blockqnn_jax import train as train_lib
 
 RESIDUAL = nsc.RESIDUAL_BLOCK
@@ -55,7 +56,7 @@ def trainer(splits):
   config = _config()
   group = train_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
   return train_lib.CandidateTrainer(group, train_lib.TrainConfig(**config.train),
-                                    train_lib.RewardConfig(**config.reward), config.network)
+                                    results.RewardConfig(**config.reward), config.network)
 
 
 def test_evaluate_reports_everything(trainer):
@@ -77,10 +78,10 @@ def test_evaluate_reports_everything(trainer):
 
 
 def test_reward_floor_and_plain_accuracy():
-  config = train_lib.RewardConfig(mu=0.5, rho=0.0)
+  config = results.RewardConfig(mu=0.5, rho=0.0)
   # Cheaper than the reference: no bonus.
-  assert train_lib.compute_reward(0.7, 10, 100, 1.0, config) == pytest.approx(0.7)
-  assert train_lib.compute_reward(0.7, 1000, 100, 2.0, train_lib.RewardConfig(0, 0)) == 0.7
+  assert results.compute_reward(0.7, 10, 100, 1.0, config) == pytest.approx(0.7)
+  assert results.compute_reward(0.7, 1000, 100, 2.0, results.RewardConfig(0, 0)) == 0.7
 
 
 def test_training_learns_the_easy_task(trainer):

@@ -1,0 +1,206 @@
+"""One candidate record: what evaluating a block produced, as the search stores and reports it.
+
+No JAX here: the store, the report and retraining read candidates without importing it.
+
+* ``EvalResult`` is what the executor returns for one block (status 'ok' or 'failed', the
+  reward and its parts, timings).
+* ``Candidate`` is a row of the store's ``candidates`` table: an ``EvalResult`` plus where
+  the search sampled it (iteration, position, ε, whether its result was reused). The table's
+  columns are these fields (``COLUMNS``), so the schema follows from this module.
+* ``RewardConfig`` / ``compute_reward``: the BlockQNN reward.
+* ``Diverged`` / ``describe_failure``: one-line failure reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+from typing import Any, Mapping
+
+from blockqnn_jax import nsc
+
+NAN = float('nan')
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """``reward = accuracy − μ·log(FLOPs / reference) − ρ·log(density)`` [reconstructed].
+
+  FLOPs are the block's own forward FLOPs per image at the first stage (width F, full
+  resolution), normalised by those of a reference block: one 3×3 convolution F → F at the
+  same size. Blocks cheaper than the reference get no bonus (the ratio is floored at 1), so
+  the FLOPs term is a pure penalty. With the defaults a typical block of a few 3×3 convs
+  (ratio ~5-20) loses 1.6-3 points for FLOPs and ~1 point per unit of log-density: a few
+  accuracy points, as the paper intends. μ = ρ = 0 gives plain accuracy.
+  """
+
+  mu: float = 0.01
+  rho: float = 0.02
+
+
+def compute_reward(accuracy: float, block_flops: float, reference_flops: float,
+                   density: float, config: RewardConfig) -> float:
+  """The BlockQNN reward (see ``RewardConfig``)."""
+  flops_ratio = max(block_flops / reference_flops, 1.0)
+  return accuracy - config.mu * math.log(flops_ratio) - config.rho * math.log(density)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  """What evaluating one candidate produced; ``status`` is 'ok' or 'failed'.
+
+  ``block`` is the NSC text (the ``nsc`` column of the store). Times are wall-clock
+  seconds: ``compile_s`` (its programs; 0 when cached), ``train_s`` (training, data already
+  on the device), ``eval_s`` (validation), ``total_s`` (everything, including placing data
+  and building the model).
+  """
+
+  block: str
+  canonical_key: str
+  status: str
+  failure_reason: str = ''
+  val_accuracy: float = NAN
+  reward: float = NAN
+  final_loss: float = NAN
+  flops: int = 0
+  density: float = NAN
+  params: int = 0
+  compile_s: float = 0.0
+  train_s: float = 0.0
+  eval_s: float = 0.0
+  total_s: float = 0.0
+  images_per_s: float = 0.0
+  device: str = ''
+  compile_cached: bool = False
+
+  @property
+  def ok(self) -> bool:
+    """Whether the candidate trained and has a usable reward."""
+    return self.status == 'ok' and math.isfinite(self.reward)
+
+  @property
+  def nsc(self) -> str:
+    """The block's NSC text (the store's column name for ``block``)."""
+    return self.block
+
+  def parse_block(self) -> nsc.Block:
+    """The NSC text parsed (form only: the search's grammar may differ from the default)."""
+    return nsc.Block.parse(self.block)
+
+  @classmethod
+  def failed(cls, block: str, reason: str, *, canonical_key: str = '', device: str = '',
+             **fields) -> 'EvalResult':
+    return cls(block=block, canonical_key=canonical_key, status='failed',
+               failure_reason=reason, device=device, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate(EvalResult):
+  """A recorded candidate: its result plus where the search sampled it.
+
+  ``cached``: the result was reused from an earlier identical block (same canonical key),
+  not trained for this row. ``id`` orders rows by when they were recorded.
+  """
+
+  iteration: int = 0
+  position: int = 0
+  epsilon: float = NAN
+  cached: bool = False
+  id: int = 0
+  created_at: float = 0.0
+
+  @property
+  def result(self) -> EvalResult:
+    """The evaluation alone (to reuse for an identical block)."""
+    return EvalResult(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EvalResult)})
+
+  @classmethod
+  def of(cls, result: EvalResult, *, iteration: int, position: int, epsilon: float,
+         cached: bool, **fields) -> 'Candidate':
+    values = {f.name: getattr(result, f.name) for f in dataclasses.fields(EvalResult)}
+    return cls(**values, iteration=iteration, position=position, epsilon=float(epsilon),
+               cached=bool(cached), **fields)
+
+
+# -- the table's columns ---------------------------------------------------------------------
+
+# field name -> column name, where they differ.
+_COLUMN_NAMES = {'block': 'nsc'}
+_SQL_TYPES = {int: 'INTEGER', float: 'REAL', str: 'TEXT', bool: 'INTEGER'}
+# Columns every store has had; the others may be missing from an older workdir's table.
+REQUIRED = ('id', 'iteration', 'position', 'epsilon', 'nsc', 'canonical_key', 'cached',
+            'status')
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  field: str
+  name: str
+  sql_type: str
+  default: Any
+
+
+def _columns() -> tuple[Column, ...]:
+  types = {'int': int, 'float': float, 'str': str, 'bool': bool}
+  out = []
+  for f in dataclasses.fields(Candidate):
+    if f.name == 'id':
+      continue
+    out.append(Column(f.name, _COLUMN_NAMES.get(f.name, f.name), _SQL_TYPES[types[f.type]],
+                      f.default))
+  return tuple(out)
+
+
+COLUMNS: tuple[Column, ...] = _columns()  # every column of ``candidates`` but ``id``
+
+
+def to_row(candidate: Candidate) -> dict[str, Any]:
+  """Column name -> value, with non-finite floats as NULL and bools as 0/1."""
+  out = {}
+  for c in COLUMNS:
+    value = getattr(candidate, c.field)
+    if isinstance(value, bool):
+      value = int(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+      value = None
+    out[c.name] = value
+  return out
+
+
+def from_row(row: Mapping[str, Any]) -> Candidate:
+  """A ``Candidate`` from a row (column name -> value); NULL numbers read back as their
+  defaults (NaN or 0), columns the row lacks as defaults, unknown columns are ignored."""
+  values = {}
+  for c in (Column('id', 'id', 'INTEGER', 0),) + COLUMNS:
+    if c.name not in row:
+      continue
+    value = row[c.name]
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+      value = c.default
+    elif c.sql_type == 'INTEGER' and isinstance(c.default, bool):
+      value = bool(value)
+    values[c.field] = value
+  return Candidate(**values)
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+class Diverged(RuntimeError):
+  """A candidate's training loss became non-finite or exploded."""
+
+
+def describe_failure(error: BaseException) -> str:
+  """A one-line reason, classifying invalid blocks, divergence and out-of-memory."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  if isinstance(error, nsc.NSCError):
+    return f'invalid block: {error}'
+  if isinstance(error, Diverged):
+    return text
+  if 'RESOURCE_EXHAUSTED' in str(error) or isinstance(error, MemoryError) or \
+      'out of memory' in str(error).lower():
+    return f'out of memory: {text[:300]}'
+  where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+  place = f' (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})' if where else ''
+  return f'error: {type(error).__name__}: {text[:300]}{place}'
