@@ -592,27 +592,3 @@ def test_augment_identity_settings_equal_normalize_and_jit():
                                 data.augment(key, images, mean, std, pad=4, flip=True))
   with pytest.raises(ValueError, match='reflect padding'):
     data.augment(key, images, mean, std, pad=8)
-
-
-def test_to_device_pytree_in_jit(tmp_path):
-  path = _write_npz(tmp_path / 'dev.npz', x_train=_unique_images(20, shape=(8, 8, 3)),
-                    y_train=np.arange(20) % 4)
-  splits = data.load_splits('npz', path=str(path), validation_size=4)
-  placed = data.to_device(splits)
-  assert isinstance(placed.train_images, jax.Array) and placed.train_images.dtype == jnp.uint8
-  assert placed.val_labels.dtype == jnp.int32 and placed.val_images.shape == (4, 8, 8, 3)
-  assert len(jax.tree_util.tree_leaves(placed)) == 4
-  assert placed.mean == tuple(float(m) for m in splits.mean)
-
-  @jax.jit
-  def batch(d, key):
-    idx = jax.random.randint(key, (5,), 0, d.train_images.shape[0])
-    return data.augment(key, d.train_images[idx], d.mean, d.std), d.train_labels[idx]
-
-  x, y = batch(placed, jax.random.PRNGKey(0))
-  assert x.shape == (5, 8, 8, 3) and x.dtype == jnp.float32 and y.shape == (5,)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  on_all = data.to_device(splits, replicated)
-  assert on_all.train_images.sharding == replicated
-  np.testing.assert_array_equal(np.asarray(on_all.val_images), splits.val_images)
