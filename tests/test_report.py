@@ -22,6 +22,8 @@ import pytest
 from blockqnn_jax import canonical
 from blockqnn_jax import nsc
 from blockqnn_jax import report
+from blockqnn_jax import results
+from blockqnn_jax.store import DB_NAME
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -121,7 +123,7 @@ def make_database(path: Path, phases=((1.0, 4), (0.5, 2), (0.1, 2)), per_iterati
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory) -> Path:
   path = tmp_path_factory.mktemp('search')
-  make_database(path / report.DB_NAME)
+  make_database(path / DB_NAME)
   return path
 
 
@@ -148,8 +150,8 @@ def test_load_candidates(workdir):
                                                              for r in rows)
   assert any(r.cached for r in rows)
   failed = [r for r in rows if not r.ok]
-  assert failed and all(r.reward is None and r.failure_reason for r in failed)
-  assert report.load_candidates(workdir / report.DB_NAME) == rows  # the file works too
+  assert failed and all(math.isnan(r.reward) and r.failure_reason for r in failed)
+  assert report.load_candidates(workdir / DB_NAME) == rows  # the file works too
 
 
 def test_top_blocks_distinct_and_sorted(workdir):
@@ -166,9 +168,9 @@ def test_top_blocks_distinct_and_sorted(workdir):
 
 
 def test_nan_rewards_count_as_failures():
-  row = report.CandidateRow(id=1, iteration=0, position=0, epsilon=1.0, nsc='1,1,3,0,0 2,7,0,0,0',
-                            canonical_key='k', cached=False, status='ok',
-                            reward=report._clean(float('nan')))
+  row = results.Candidate(id=1, iteration=0, position=0, epsilon=1.0,
+                          block='1,1,3,0,0 2,7,0,0,0', canonical_key='k', cached=False,
+                          status='ok', reward=float('nan'))
   assert not row.ok
   assert report.top_blocks([row], 3) == []
 
@@ -303,23 +305,23 @@ def test_layout_points_down_and_covers_every_edge():
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='nowhere'):
     report.write_report(tmp_path / 'nowhere')
-  with pytest.raises(FileNotFoundError, match=report.DB_NAME):
+  with pytest.raises(FileNotFoundError, match=DB_NAME):
     report.write_report(tmp_path)
-  assert not (tmp_path / report.DB_NAME).exists()  # reading never creates a database
-  db = sqlite3.connect(tmp_path / report.DB_NAME)
+  assert not (tmp_path / DB_NAME).exists()  # reading never creates a database
+  db = sqlite3.connect(tmp_path / DB_NAME)
   db.executescript(SCHEMA)
   db.close()
   with pytest.raises(ValueError, match=str(tmp_path)):
     report.write_report(tmp_path)
   other = tmp_path / 'other'
   other.mkdir()
-  sqlite3.connect(other / report.DB_NAME).execute('CREATE TABLE x (y)').connection.close()
+  sqlite3.connect(other / DB_NAME).execute('CREATE TABLE x (y)').connection.close()
   with pytest.raises(ValueError, match='not a search database'):
     report.load_candidates(other)
 
 
 def test_all_failed_still_reports(tmp_path):
-  db = sqlite3.connect(tmp_path / report.DB_NAME)
+  db = sqlite3.connect(tmp_path / DB_NAME)
   db.executescript(SCHEMA)
   for position in range(3):
     db.execute("INSERT INTO candidates (iteration, position, epsilon, nsc, canonical_key, "
@@ -347,3 +349,12 @@ def test_command_line(workdir, tmp_path):
   assert len((tmp_path / 'cli' / 'top_blocks.txt').read_text().splitlines()) == 2
   missing = run(f'--workdir={tmp_path / "nowhere"}')
   assert missing.returncode != 0 and 'nowhere' in missing.stderr
+
+
+def test_report_does_not_import_jax():
+  """The report reads a store and draws: it must work where JAX is absent or slow to load."""
+  root = Path(__file__).resolve().parents[1]
+  done = subprocess.run(
+      [sys.executable, '-c', "import blockqnn_jax.report, sys; assert 'jax' not in sys.modules"],
+      cwd=root, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr

@@ -1,0 +1,220 @@
+"""The report's files: read a search's store, write summary.md, top_blocks.txt/json and the PNGs.
+
+``write_report`` is the one entry point (``experiments/report.py`` and the notebook call it);
+``load_candidates`` / ``load_meta`` read a store for anyone who wants the rows themselves.
+The store is opened read-only (``store.ResultsStore.open_read_only``), so a report can be
+made while the search is still writing.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+from blockqnn_jax import nsc
+from blockqnn_jax import store as store_lib
+from blockqnn_jax.report import analysis
+from blockqnn_jax.report import figures
+from blockqnn_jax.results import Candidate
+
+REPORT_DIR = 'report'
+
+
+# -- reading the store -----------------------------------------------------------------------
+
+
+def _read(path: str | Path) -> tuple[list[Candidate], dict[str, str], Path]:
+  """The candidates and the meta table of a store, and its database path, in one open.
+
+  Raises:
+    FileNotFoundError: no database there.
+    ValueError: the file is not a search store, or its candidates cannot be read.
+  """
+  with store_lib.ResultsStore.open_read_only(path) as results_store:  # StoreError: a ValueError
+    return results_store.candidates(), results_store.meta(), results_store.path
+
+
+def load_candidates(path: str | Path) -> list[Candidate]:
+  """Every candidate of a search, ordered by (iteration, position).
+
+  Args:
+    path: the ``search.sqlite`` file, or the workdir holding it.
+
+  Raises:
+    FileNotFoundError: if there is no database.
+    ValueError: if the database has no ``candidates`` table or it lacks a required column.
+  """
+  return _read(path)[0]
+
+
+def load_meta(path: str | Path) -> dict[str, str]:
+  """The ``meta`` table of a search (its config JSON...) as a dict; empty if it has none."""
+  return _read(path)[1]
+
+
+# -- the page --------------------------------------------------------------------------------
+
+
+def _missing(value) -> bool:
+  return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def _fmt(value, spec: str = '.4f', none: str = '–') -> str:
+  return none if _missing(value) else format(value, spec)
+
+
+def _duration(seconds: float | None) -> str:
+  if _missing(seconds):
+    return '–'
+  if seconds < 120:
+    return f'{seconds:.0f} s'
+  if seconds < 2 * 3600:
+    return f'{seconds / 60:.1f} min'
+  return f'{seconds / 3600:.2f} h'
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+  """A failure reason fit for a Markdown cell: one line, no pipes or backticks, bounded."""
+  line = ' '.join(text.split()).replace('|', '/').replace('`', "'")
+  return line if len(line) <= limit else line[:limit - 1] + '…'
+
+
+def _json_value(value):
+  """A missing number (NaN) as None, so that ``top_blocks.json`` is standard JSON (null)."""
+  return None if _missing(value) else value
+
+
+def top_block_records(rows: Sequence[Candidate], k: int) -> list[dict]:
+  """The top-k as JSON-ready dicts (the content of ``top_blocks.json``)."""
+  samples = collections.Counter(r.canonical_key for r in rows)
+  out = []
+  for rank, r in enumerate(analysis.top_blocks(rows, k), start=1):
+    block = r.parse_block()
+    out.append(dict(
+        rank=rank, nsc=r.nsc, canonical_key=r.canonical_key, reward=r.reward,
+        val_accuracy=_json_value(r.val_accuracy), flops=r.flops, params=r.params,
+        # An older store may lack the density; it follows from the block alone.
+        density=r.density if math.isfinite(r.density) else block.density(),
+        layers=[list(layer.as_tuple()) for layer in block.layers],
+        iteration=r.iteration, epsilon=r.epsilon, times_sampled=samples[r.canonical_key]))
+  return out
+
+
+def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[str, str],
+                   source: str = '', config: str | None = None) -> str:
+  """The Markdown page of ``summary.md``.
+
+  Args:
+    summary: from ``analysis.summarize``.
+    top: from ``top_block_records``.
+    images: section title -> image path relative to the page.
+    source: the database path, shown in the header.
+    config: the run's config JSON, shown folded, if known.
+  """
+  s = summary
+  lines = ['# BlockQNN search report', '']
+  if source:
+    lines += [f'Source: `{source}`', '']
+  lines += ['| | |', '|---|---|',
+            f'| Candidates | {s.candidates:,} in {s.iterations:,} iterations |',
+            f'| Distinct blocks | {s.distinct_blocks:,} |',
+            f'| Cache hit rate | {s.cache_hit_rate:.1%} ({s.cached:,} rewards reused from '
+            f'identical earlier blocks) |',
+            f'| Failures | {s.failed:,} ({s.failed / max(s.candidates, 1):.1%}) |',
+            f'| Wall time | {_duration(s.wall_s)} (training time summed over trained '
+            f'candidates: {_duration(s.compute_s)}) |',
+            f'| Candidates per hour | {_fmt(s.candidates_per_hour, ",.1f")} |']
+  for e in s.by_epsilon:
+    if e is s.by_epsilon[0] or e is s.by_epsilon[-1]:
+      which = 'exploration' if e is s.by_epsilon[0] else 'lowest ε'
+      if len(s.by_epsilon) == 1:
+        which = 'only ε'
+      lines.append(f'| Mean reward at ε={e.epsilon:g} ({which}) | {_fmt(e.mean_reward)} '
+                   f'(n={e.ok:,}; max {_fmt(e.max_reward)}) |')
+  if s.best is not None:
+    lines.append(f'| Best reward | {s.best.reward:.4f} (accuracy '
+                 f'{_fmt(s.best.val_accuracy)}, iteration {s.best.iteration}) |')
+  pair = s.exploration_vs_exploitation()
+  if pair and pair[0].mean_reward is not None and pair[1].mean_reward is not None:
+    gain = pair[1].mean_reward - pair[0].mean_reward
+    verdict = ('the agent exploits what it learned' if gain > 0
+               else 'no gain over random exploration')
+    lines += ['', f'Mean reward {"rose" if gain > 0 else "fell"} by {abs(gain):.4f} from '
+              f'ε={pair[0].epsilon:g} to ε={pair[1].epsilon:g}: {verdict}.']
+  if s.failure_reasons:
+    lines += ['', '## Failures by reason', '', '| count | reason |', '|---:|---|']
+    lines += [f'| {n:,} | {_one_line(reason)} |' for reason, n in s.failure_reasons]
+  for title, image in images.items():
+    lines += ['', f'## {title}', '', f'![{title}]({image})']
+  lines += ['', f'## Top {len(top)} blocks', '']
+  if top:
+    lines += ['| # | reward | val acc | MFLOPs | params | density | sampled | found (it, ε) '
+              '| NSC |', '|---:|---:|---:|---:|---:|---:|---:|---|---|']
+    for t in top:
+      mflops = None if t['flops'] is None else t['flops'] / 1e6
+      lines.append(
+          f'| {t["rank"]} | {t["reward"]:.4f} | {_fmt(t["val_accuracy"])} | '
+          f'{_fmt(mflops, ",.1f")} | {_fmt(t["params"], ",")} | {_fmt(t["density"], ".2f")} | '
+          f'{t["times_sampled"]} | {t["iteration"]}, {t["epsilon"]:g} | `{t["nsc"]}` |')
+    blocks = [f'![#{t["rank"]}](block_{t["rank"]}.png)' for t in top]
+    lines += ['', ' '.join(blocks)]
+  else:
+    lines.append('No candidate has succeeded yet.')
+  if config:
+    try:
+      config = json.dumps(json.loads(config), indent=2, sort_keys=True)
+    except (TypeError, ValueError):
+      pass  # show it as stored
+    lines += ['', '<details><summary>Run config</summary>', '', '```json', config, '```', '',
+              '</details>']
+  return '\n'.join(lines) + '\n'
+
+
+def _json_text(value) -> str:
+  """Indented JSON with each list of integers (an NSC layer) kept on one line."""
+  text = json.dumps(value, indent=2)
+  return re.sub(r'\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]',
+                lambda m: '[' + re.sub(r'\s+', ' ', m.group(1)) + ']', text) + '\n'
+
+
+def write_report(workdir: str | Path, out_dir: str | Path | None = None,
+                 top_k: int = 5) -> Path:
+  """Writes the report of the search in ``workdir``; returns the path of ``summary.md``.
+
+  Args:
+    workdir: the search's workdir (holding ``search.sqlite``), or the database file.
+    out_dir: where to write; default ``WORKDIR/report``.
+    top_k: how many of the best distinct blocks to list and draw.
+
+  Raises:
+    FileNotFoundError: if the workdir or its database does not exist.
+    ValueError: if the database is not a search store or holds no candidates.
+  """
+  rows, meta, db = _read(workdir)
+  if not rows:
+    raise ValueError(f'the search database {db} holds no candidates yet')
+  out = Path(out_dir) if out_dir is not None else db.parent / REPORT_DIR
+  out.mkdir(parents=True, exist_ok=True)
+  top = top_block_records(rows, top_k)
+  images = {
+      'Reward per iteration': figures.plot_reward_per_iteration(
+          rows, out / 'reward_per_iteration.png'),
+      'Reward by ε': figures.plot_reward_by_epsilon(rows, out / 'reward_by_epsilon.png'),
+      'Accuracy vs FLOPs': figures.plot_accuracy_vs_flops(
+          rows, out / 'accuracy_vs_flops.png', top_k),
+  }
+  for t in top:
+    figures.draw_block(
+        nsc.Block.parse(t['nsc']), out / f'block_{t["rank"]}.png',
+        title=f'#{t["rank"]}  reward {t["reward"]:.4f}  acc {_fmt(t["val_accuracy"])}')
+  (out / 'top_blocks.txt').write_text(''.join(t['nsc'] + '\n' for t in top))
+  (out / 'top_blocks.json').write_text(_json_text(top))
+  page = render_summary(analysis.summarize(rows), top, {k: v.name for k, v in images.items()},
+                        source=str(db), config=meta.get('config'))
+  summary_path = out / 'summary.md'
+  summary_path.write_text(page)
+  return summary_path
