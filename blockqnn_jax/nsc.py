@@ -36,6 +36,7 @@ import dataclasses
 import enum
 import json
 import re
+import reprlib
 from typing import Iterable, Sequence
 
 
@@ -158,7 +159,7 @@ class Layer:
       if not isinstance(value, int):
         try:
           as_int = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
           raise NSCError(f'{field.name} must be an integer, got {value!r}',
                          rule='integer') from None
         if as_int != value:
@@ -200,6 +201,57 @@ class Layer:
     return f'{name}({", ".join(str(p) for p in self.preds)})'
 
 
+# -- reading fields from user text (shared by the parsers) ---------------------------------
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Layer))
+# No legal field comes near this many digits; refusing longer ones keeps messages readable
+# and keeps away from int()'s 4300-digit limit, past which it raises a bare ValueError.
+_MAX_DIGITS = 18
+# A text field: an optional minus and ASCII digits. int() alone would also take '+3', '3_0',
+# surrounding whitespace and every script's digits ('٣', '３').
+_TEXT_INTEGER = re.compile(r'-?[0-9]+')
+# Quotes of user input in messages stay short and shallow, whatever the input's size or depth
+# (plain repr recurses once per level of a nested JSON list).
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _excerpt(value) -> str:
+  """A short repr of user input for an error message; it never raises."""
+  try:
+    return _REPR.repr(value)
+  except (RecursionError, ValueError):  # ValueError: an int too long to print
+    return f'a {type(value).__name__}'
+
+
+def _text_field(field: str, name: str, position: int) -> int:
+  """One comma-separated field of the text form as an int, or ``NSCError``."""
+  if not _TEXT_INTEGER.fullmatch(field):
+    raise NSCError(f'{name} must be an integer in ASCII digits, got {_excerpt(field)}',
+                   layer=position, rule='integer')
+  if len(field.lstrip('-').lstrip('0')) > _MAX_DIGITS:
+    raise NSCError(f'{name} has more than {_MAX_DIGITS} digits', layer=position,
+                   rule='integer')
+  return int(field)
+
+
+def _json_field(value, name: str, position: int) -> int:
+  """One entry of a JSON row as an int, or ``NSCError``.
+
+  A JSON integer, or a float with an integral value (``3.0``) as ``Layer`` coerces; never a
+  bool, a string, NaN or an infinity (JSON's ``1e400`` reads as one).
+  """
+  if isinstance(value, float) and value.is_integer():  # False for NaN and the infinities
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise NSCError(f'{name} must be an integer, got {_excerpt(value)}', layer=position,
+                   rule='integer')
+  if abs(value) >= 10**_MAX_DIGITS:
+    raise NSCError(f'{name} has more than {_MAX_DIGITS} digits', layer=position,
+                   rule='integer')
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
   """A block: its layers in index order, the terminal last."""
@@ -221,9 +273,16 @@ class Block:
     """Parses the compact text form ``'1,1,3,0,0 2,5,0,1,0 3,7,0,0,0'``.
 
     Layers are separated by whitespace or ``;``; fields by commas. Also accepts the
-    bracketed form ``[(1,1,3,0,0), (2,7,0,0,0)]``. Parsing checks the form only; call
-    ``validate`` for the grammar.
+    bracketed form ``[(1,1,3,0,0), (2,7,0,0,0)]``. A field is an optional ``-`` and ASCII
+    digits, nothing else. Parsing checks the form only; call ``validate`` for the grammar.
+
+    Raises:
+      NSCError: whatever the text (and nothing else); its ``layer`` is the offending
+        layer's position as written (1 = first), not the index written in it, which may
+        be the very thing that is malformed.
     """
+    if not isinstance(text, str):
+      raise NSCError(f'NSC text must be a string, got {type(text).__name__}', rule='text')
     cleaned = re.sub(r'\s*,\s*', ',', text.strip())  # '1, 1, 3, 0, 0' is one layer
     if cleaned.startswith('[') and cleaned.endswith(']'):
       cleaned = cleaned[1:-1].replace('),', ');').replace('(', ' ').replace(')', ' ')
@@ -235,13 +294,9 @@ class Block:
       fields = chunk.split(',')
       if len(fields) != 5 or '' in fields:
         raise NSCError(f'expected 5 comma-separated fields (index,type,kernel,pred1,pred2), '
-                       f'got {chunk!r}', layer=position, rule='fields')
-      try:
-        values = [int(f) for f in fields]
-      except ValueError:
-        raise NSCError(f'non-integer field in {chunk!r}', layer=position,
-                       rule='integer') from None
-      layers.append(Layer(*values))
+                       f'got {_excerpt(chunk)}', layer=position, rule='fields')
+      layers.append(Layer(*(_text_field(f, name, position)
+                            for f, name in zip(fields, _FIELD_NAMES))))
     return cls(tuple(layers))
 
   def to_text(self) -> str:
@@ -252,23 +307,33 @@ class Block:
     return json.dumps({'layers': [list(layer.as_tuple()) for layer in self.layers]})
 
   @classmethod
-  def from_json(cls, text: str) -> 'Block':
+  def from_json(cls, text: str | bytes) -> 'Block':
+    """Parses ``to_json``'s form, or a bare list of rows; checks the form only.
+
+    Raises:
+      NSCError: whatever the text (and nothing else); its ``layer`` is the offending row's
+        position (1 = first), not the index written in it.
+    """
+    if not isinstance(text, (str, bytes, bytearray)):
+      raise NSCError(f'NSC JSON must be a string, got {type(text).__name__}', rule='json')
     try:
       data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise NSCError(f'not JSON: {e}', rule='json') from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+      raise NSCError('unreadable JSON: nested too deeply', rule='json') from None
+    except ValueError:  # what else json.loads raises: an integer past int()'s digit limit
+      raise NSCError('unreadable JSON: a number with too many digits', rule='json') from None
     rows = data.get('layers') if isinstance(data, dict) else data
     if not isinstance(rows, list):
       raise NSCError('JSON must be {"layers": [[i, type, kernel, p1, p2], ...]}', rule='json')
     layers = []
     for position, row in enumerate(rows, start=1):
-      if not isinstance(row, (list, tuple)) or len(row) != 5:
-        raise NSCError(f'expected a list of 5 integers, got {row!r}', layer=position,
+      if not isinstance(row, list) or len(row) != 5:
+        raise NSCError(f'expected a list of 5 integers, got {_excerpt(row)}', layer=position,
                        rule='fields')
-      try:
-        layers.append(Layer(*row))
-      except NSCError as e:
-        raise NSCError(str(e), layer=position, rule=e.rule) from None
+      layers.append(Layer(*(_json_field(v, name, position)
+                            for v, name in zip(row, _FIELD_NAMES))))
     return cls(tuple(layers))
 
   def __str__(self) -> str:
@@ -390,3 +455,28 @@ RESIDUAL_BLOCK = Block.from_tuples(
 INCEPTION_BLOCK = Block.from_tuples(
     [(1, 1, 1, 0, 0), (2, 1, 3, 0, 0), (3, 1, 5, 0, 0), (4, 2, 3, 0, 0), (5, 1, 1, 4, 0),
      (6, 7, 0, 0, 0)])
+
+
+def validate_structure(block: Block) -> Block:
+  """Checks that ``block`` is a structurally valid NSC; returns it or raises ``NSCError``.
+
+  The check is ``validate`` under the loosest grammar the block could belong to (any
+  positive kernel size, any number of layers): the generator can build, and retraining can
+  train, any such block, while which kernels and how many layers are allowed is the search
+  space's business.
+  """
+  def kernels(layer_type: LayerType) -> tuple[int, ...]:
+    # The block's own positive kernels (1 when it has none) make its kernels legal.
+    used = {l.kernel for l in block.layers if l.type == layer_type and l.kernel >= 1}
+    return tuple(sorted(used)) or (1,)
+
+  grammar = Grammar(max_index=max(2, len(block.layers)),
+                    conv_kernels=kernels(LayerType.CONV),
+                    max_pool_kernels=kernels(LayerType.MAX_POOL),
+                    avg_pool_kernels=kernels(LayerType.AVG_POOL))
+  try:
+    return validate(block, grammar)
+  except NSCError as e:
+    error = NSCError(f'cannot build block {block.to_text()!r}: {e}', rule=e.rule)
+    error.layer = e.layer
+    raise error from e

@@ -108,6 +108,162 @@ def test_from_json_rejects_malformed_json(text, layer, rule):
   assert (info.value.layer, info.value.rule) == (layer, rule)
 
 
+# -- any input: a block or NSCError, never another exception -------------------------------
+
+# Characters that trip up a field reader: separators, signs, exponents, and digits int() would
+# take but the NSC does not (Arabic-Indic, fullwidth, NKo and mathematical digits, numerals).
+_TRICKY = st.sampled_from(list('0123456789,;()[]{}" \n\t-+_.eE') +
+                          ['٣', '３', '߂', '𝟡', '½', 'Ⅻ', '\u00a0', '\u2003', '\x00'])
+
+
+@st.composite
+def _mutations(draw, texts):
+  """A text from ``texts`` with up to four characters inserted, replaced or deleted."""
+  text = draw(texts)
+  for _ in range(draw(st.integers(0, 4))):
+    at = draw(st.integers(0, len(text)))
+    char = draw(_TRICKY | st.characters())
+    text = draw(st.sampled_from([text[:at] + char + text[at:], text[:at] + char + text[at + 1:],
+                                 text[:at] + text[at + 1:]]))
+  return text
+
+
+_BLOCKS = valid_blocks(SMALL_GRAMMAR)
+_ANY_TEXT = st.one_of(st.text(), st.text(_TRICKY),
+                      _mutations(_BLOCKS.map(lambda b: b.to_text())),
+                      _mutations(_BLOCKS.map(lambda b: str([l.as_tuple() for l in b.layers]))),
+                      _mutations(_BLOCKS.map(lambda b: b.to_json())))
+_JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-10**25, 10**25),
+                          st.floats(), st.text(_TRICKY, max_size=4))
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
+        st.just('layers') | st.text(max_size=6), inner, max_size=3),
+    max_leaves=30)
+# Shaped like an NSC: a list of rows, most of five small integers, some of them numbers that
+# are not field values (non-finite, huge, fractional, or not numbers at all).
+_ROW_ENTRIES = st.one_of(
+    st.integers(-2, 9),
+    st.sampled_from([float('inf'), float('-inf'), float('nan'), 1e300, 0.5, 3.0, True, None,
+                     '3', '٣', 10**19, -10**30]),
+    _JSON_SCALARS)
+_JSON_ROWS = st.lists(st.lists(_ROW_ENTRIES, min_size=5, max_size=5) |
+                      st.lists(_ROW_ENTRIES, max_size=7) | _JSON_VALUES, max_size=6)
+_JSON_DOCUMENTS = st.one_of(_JSON_VALUES, _JSON_ROWS, _JSON_ROWS.map(lambda r: {'layers': r}))
+
+
+def _block_or_none(parser, text):
+  """``parser(text)``, or None where it raises NSCError; any other exception fails the test."""
+  try:
+    return parser(text)
+  except nsc.NSCError:
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(_ANY_TEXT)
+def test_any_text_parses_or_raises_nsc_error(text):
+  block = _block_or_none(nsc.Block.parse, text)
+  _block_or_none(nsc.parse, text)
+  _block_or_none(nsc.Block.from_json, text)
+  _block_or_none(nsc.Block.from_json, text.encode('utf-8', 'surrogatepass'))
+  if block is not None:
+    # Only ASCII digits were read, and what was read reads back the same.
+    assert not any(c.isnumeric() and c not in '0123456789' for c in text)
+    assert nsc.Block.parse(block.to_text()) == block
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON_DOCUMENTS)
+def test_any_json_parses_or_raises_nsc_error(data):
+  text = json.dumps(data)  # non-finite floats come out as NaN and Infinity, as many writers do
+  block = _block_or_none(nsc.Block.from_json, text)
+  if block is not None:
+    assert nsc.Block.from_json(block.to_json()) == block
+    assert all(type(v) is int for l in block.layers for v in l.as_tuple())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary())
+def test_any_bytes_as_json_parse_or_raise_nsc_error(data):
+  _block_or_none(nsc.Block.from_json, data)
+
+
+@pytest.mark.parametrize('text,layer', [
+    ('{"layers": [[1, 1, Infinity, 0, 0], [2, 7, 0, 0, 0]]}', 1),
+    ('[[1, 1, 3, 0, 0], [2, 7, -Infinity, 0, 0]]', 2),
+    ('[[1, 1, 3, 0, 0], [2, 7, 0, NaN, 0]]', 2),
+    ('[[1, 1, 1e400, 0, 0], [2, 7, 0, 0, 0]]', 1),  # reads as an infinity
+    ('[[1, 1, 3, 0, 0], [2, 7, 0, 0, -1e400]]', 2),
+    ('[[1, 1, 3, 0, 0], [2, 7, 0, 0, 1e300]]', 2),  # integral, but longer than any field
+    ('[[1, 1, 3, 0, 0], [2, 7, 0, 0, 1000000000000000000]]', 2),
+    ('[[1, 1, 3, 0, 0], [2, 7, "3", 0, 0]]', 2),
+    ('[[1, 1, 3, 0, 0], [2, 7, "٣", 0, 0]]', 2),
+    ('[[1, 1, ' + '[' * 500 + ']' * 500 + ', 0, 0]]', 1),  # quoted shallowly in the message
+])
+def test_from_json_rejects_non_finite_huge_and_non_integer_fields_at_their_row(text, layer):
+  with pytest.raises(nsc.NSCError) as info:
+    nsc.Block.from_json(text)
+  assert (info.value.layer, info.value.rule) == (layer, 'integer')
+  assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize('text', [
+    'Infinity', 'NaN', '1e400',
+    '[' * 100_000 + ']' * 100_000,  # deeper than the decoder's recursion
+    '{"layers": ' + '[' * 100_000,
+    '[[' + '1' * 5000 + ', 7, 0, 0, 0]]',  # past int()'s digit limit
+    b'\xff\xfe\x00\xd8',  # no encoding JSON allows
+    None,
+    3,
+])
+def test_from_json_rejects_unreadable_documents(text):
+  with pytest.raises(nsc.NSCError) as info:
+    nsc.Block.from_json(text)
+  assert (info.value.layer, info.value.rule) == (None, 'json')
+
+
+@pytest.mark.parametrize('text,layer', [
+    ('2,7,0,0,0_0', 1),  # int() reads '0_0' as 0
+    ('1,1,3,0,0 2,7,0_0,0,0', 2),
+    ('１,７,０,０,０', 1),  # fullwidth digits
+    ('1,1,٣,0,0 2,7,0,0,0', 1),  # an Arabic-Indic three
+    ('1,1,3,0,0 2,7,0,0,߀', 2),  # an NKo zero
+    ('1,1,3,0,0 +2,7,0,0,0', 2),
+    ('1,1,3,0,0 2,7,0x0,0,0', 2),
+    ('1,1,3,0,0 2,7,' + '9' * 5000 + ',0,0', 2),  # past int()'s digit limit
+    ('1,1,3,0,0 2,7,' + '1' * 19 + ',0,0', 2),  # longer than any field
+])
+def test_parse_reads_only_ascii_digits(text, layer):
+  with pytest.raises(nsc.NSCError) as info:
+    nsc.Block.parse(text)
+  assert (info.value.layer, info.value.rule) == (layer, 'integer')
+  assert len(str(info.value)) < 200
+
+
+def test_parse_still_reads_signs_and_leading_zeros():
+  assert nsc.Block.parse('01,1,003,-1,0 2,7,0,0,0') == nsc.Block([(1, 1, 3, -1, 0), (2, 7)])
+
+
+@pytest.mark.parametrize('parser,text', [
+    (nsc.Block.parse, '5,1,3,0,0 9,7,0,0'),
+    (nsc.Block.parse, '5,1,3,0,0 9,7,x,0,0'),
+    (nsc.Block.parse, '[(5,1,3,0,0), (9,7,0,0,0,0)]'),
+    (nsc.Block.from_json, '[[5, 1, 3, 0, 0], [9, 7, 0, 0]]'),
+    (nsc.Block.from_json, '{"layers": [[5, 1, 3, 0, 0], [9, 7, 0.5, 0, 0]]}'),
+])
+def test_parse_errors_name_the_position_not_the_written_index(parser, text):
+  with pytest.raises(nsc.NSCError) as info:
+    parser(text)
+  assert info.value.layer == 2 and str(info.value).startswith('layer 2: ')
+
+
+@pytest.mark.parametrize('value', [None, b'1,1,3,0,0 2,7,0,0,0', 3, ['1,1,3,0,0']])
+def test_parse_refuses_what_is_not_text_with_nsc_error(value):
+  with pytest.raises(nsc.NSCError):
+    nsc.Block.parse(value)
+
+
 def test_layer_fields_must_be_integers():
   assert nsc.Layer(1, 1.0, 3.0) == nsc.Layer(1, 1, 3)  # integral floats are coerced
   assert isinstance(nsc.Layer(1, 1.0, 3.0).kernel, int)
