@@ -29,11 +29,12 @@ import jax
 import ml_collections
 
 from blockqnn_jax import data as data_lib
-from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax import streaming
-from blockqnn_jax import train as train_lib
+from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.training import candidate as candidate_lib
+from blockqnn_jax.training import engine
+from blockqnn_jax.training import streamed
 
 # Small to large: one conv, the residual block, the Inception-like block, a deep mixed block.
 BLOCKS = (
@@ -64,14 +65,14 @@ _STREAM = flags.DEFINE_bool('stream', False,
                             'ImageNet path; --data=image_folder:PATH or tfds:NAME).')
 
 
-def _config(num_classes: int, loop: str = 'auto') -> ml_collections.ConfigDict:
+def _settings(num_classes: int, loop: str = 'auto') -> SearchSettings:
   config = ml_collections.ConfigDict()
   config.train = dict(epochs=_EPOCHS.value, batch_size=_BATCH.value, loop=loop,
                       compute_dtype=_DTYPE.value)
   config.reward = dict(mu=0.01, rho=0.02)
   config.network = dict(num_blocks=_NUM_BLOCKS.value, features=_FEATURES.value,
                         num_classes=num_classes, image_size=32, scan_blocks=_SCAN.value)
-  return config
+  return SearchSettings.from_config(config)
 
 
 def _load() -> data_lib.ImageSplits:
@@ -81,10 +82,10 @@ def _load() -> data_lib.ImageSplits:
                               max_train=_MAX_TRAIN.value)
 
 
-def _throughput(splits, config, blocks, compile_ahead: bool) -> float:
+def _throughput(splits, settings, blocks, compile_ahead: bool) -> float:
   """Candidates per hour through the executor (its own compile cache, started cold)."""
-  with executor_lib.LocalExecutor(splits, config, devices=jax.local_devices()[:1],
-                                  compile_ahead=compile_ahead) as executor:
+  with local_executor.LocalExecutor(splits, settings, devices=jax.local_devices()[:1],
+                                    compile_ahead=compile_ahead) as executor:
     start = time.perf_counter()
     results = executor.map(blocks, seeds=range(len(blocks)))
     elapsed = time.perf_counter() - start
@@ -97,7 +98,7 @@ def _throughput(splits, config, blocks, compile_ahead: bool) -> float:
 def main(argv):
   del argv
   splits = _load()
-  config = _config(splits.num_classes)
+  settings = _settings(splits.num_classes)
   device = jax.local_devices()[0]
   print(f'device={device.device_kind} ({device.platform}) data={splits.name} '
         f'train={len(splits.train_labels)} val={len(splits.val_labels)} '
@@ -105,32 +106,30 @@ def main(argv):
         f'F={_FEATURES.value} N={_NUM_BLOCKS.value}')
   blocks = [nsc.parse(b, nsc.Grammar(max_index=23)) for b in BLOCKS]
 
-  group = train_lib.DeviceGroup.place(splits, [device])
+  group = candidate_lib.DeviceGroup.place(splits, [device])
   for loop in _LOOPS.value:
-    looped = _config(splits.num_classes, loop)
-    trainer = train_lib.CandidateTrainer(group, train_lib.TrainConfig(**looped.train),
-                                         results.RewardConfig(**looped.reward),
-                                         looped.network)
+    looped = _settings(splits.num_classes, loop)
+    trainer = candidate_lib.CandidateTrainer(group, looped.train, looped.reward,
+                                             looped.network)
     print(f'\ndata on the device, train.loop={loop} '
-          f'({train_lib.resolve_loop(loop, [device])}):')
+          f'({engine.resolve_loop(loop, device.platform)}):')
     _table(trainer, blocks)
   if _STREAM.value:
     source, _, path = _DATA.value.partition(':')
     size = _VALIDATION.value if _VALIDATION.value < 1 else int(_VALIDATION.value)
-    stream = streaming.StreamData(
+    stream = streamed.StreamData(
         source, name=path if source == 'tfds' else '', path=None if source == 'tfds' else path,
         image_size=splits.image_shape[0], validation_size=size, seed=0,
         max_train=len(splits.train_labels), mean=tuple(splits.mean.tolist()),
         std=tuple(splits.std.tolist()), decode_threads=_DECODE_THREADS.value).open()
     print(f'\nstreamed from the host ({_DECODE_THREADS.value} decoding threads), one '
           'program per step:')
-    _table(streaming.StreamingTrainer(stream, [device], train_lib.TrainConfig(**config.train),
-                                      results.RewardConfig(**config.reward),
-                                      config.network), blocks)
+    _table(streamed.StreamingTrainer(stream, [device], settings.train, settings.reward,
+                                     settings.network), blocks)
 
   if _COMPARE.value:
-    ahead = _throughput(splits, config, blocks, compile_ahead=True)
-    serial = _throughput(splits, config, blocks, compile_ahead=False)
+    ahead = _throughput(splits, settings, blocks, compile_ahead=True)
+    serial = _throughput(splits, settings, blocks, compile_ahead=False)
     print(f'\ncandidates/hour on one device: compile-ahead {ahead:.0f}, one after the other '
           f'{serial:.0f}, ratio {ahead / serial:.2f}x')
 

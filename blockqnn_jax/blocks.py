@@ -86,7 +86,7 @@ class BlockModule(nn.Module):
 
   Attributes:
     block: a structurally valid NSC block (checked on construction, ``nsc.NSCError``
-      otherwise; see ``cost.buildable``).
+      otherwise; see ``nsc.validate_structure``).
     features: F, the width of conv layers, adds and the block output.
     dtype: computation dtype; the input is cast to it.
     param_dtype: parameter dtype.
@@ -102,7 +102,7 @@ class BlockModule(nn.Module):
   bn_epsilon: float = 1e-5
 
   def __post_init__(self):
-    cost.buildable(self.block)  # fail where the module is built, not deep inside init
+    nsc.validate_structure(self.block)  # fail where the module is built, not deep inside init
     super().__post_init__()
 
   def _pcc(self, name: str, kernel: int, x: jax.Array, train: bool) -> jax.Array:

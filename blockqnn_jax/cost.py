@@ -31,12 +31,9 @@ can price blocks without touching an accelerator.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from blockqnn_jax import nsc
-
-if TYPE_CHECKING:  # networks imports Flax; the counts only read the spec's fields.
-  from blockqnn_jax import networks
+from blockqnn_jax.architecture import NetworkSpec, network_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,30 +62,6 @@ class ConvCost:
   def macs_per_pixel(self) -> int:
     """Multiply-accumulates per output pixel (stride 1, so per input pixel too)."""
     return self.kernel * self.kernel * self.in_features * self.out_features
-
-
-def buildable(block: nsc.Block) -> nsc.Block:
-  """Checks that ``block`` is a structurally valid NSC; returns it or raises ``NSCError``.
-
-  The check is ``nsc.validate`` under the loosest grammar the block could belong to (any
-  positive kernel size, any index): the generator can build any such block, while which
-  kernels and how many layers are allowed is the search space's business.
-  """
-  def kernels(layer_type: nsc.LayerType) -> tuple[int, ...]:
-    # The block's own positive kernels (1 when it has none) make its kernels legal.
-    used = {l.kernel for l in block.layers if l.type == layer_type and l.kernel >= 1}
-    return tuple(sorted(used)) or (1,)
-
-  grammar = nsc.Grammar(max_index=max(2, len(block.layers)),
-                        conv_kernels=kernels(nsc.LayerType.CONV),
-                        max_pool_kernels=kernels(nsc.LayerType.MAX_POOL),
-                        avg_pool_kernels=kernels(nsc.LayerType.AVG_POOL))
-  try:
-    return nsc.validate(block, grammar)
-  except nsc.NSCError as e:
-    error = nsc.NSCError(f'cannot build block {block.to_text()!r}: {e}', rule=e.rule)
-    error.layer = e.layer
-    raise error from e
 
 
 def _check_widths(in_features: int, features: int) -> None:
@@ -144,7 +117,7 @@ def block_convs(block: nsc.Block, in_features: int, features: int) -> tuple[Conv
     the projection of operand ``j`` (1 or 2) of add layer ``i``, ``out_proj`` for the
     output projection.
   """
-  buildable(block)
+  nsc.validate_structure(block)
   widths = layer_widths(block, in_features, features)
   convs = []
   for layer in block.body:
@@ -186,66 +159,7 @@ def block_flops(block: nsc.Block, in_features: int, features: int, height: int,
   return 2 * macs * height * width
 
 
-def pooled_size(size: int, stride: int) -> int:
-  """Spatial size after a stride-``stride`` SAME-padded conv or pooling: ``ceil(size/s)``."""
-  return -(-size // stride)
-
-
-@dataclasses.dataclass(frozen=True)
-class StageShape:
-  """Geometry of one stage of a network: N blocks at one width and resolution.
-
-  Attributes:
-    in_features: input width of the stage's first block (the previous stage's width, or
-      the stem's for the first stage).
-    features: width F_s of every block of the stage.
-    height: H_s, pixels.
-    width: W_s, pixels.
-  """
-
-  in_features: int
-  features: int
-  height: int
-  width: int
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkShape:
-  """Geometry of a whole network (see ``networks.NetworkSpec``).
-
-  Attributes:
-    stem_features: output width of the stem conv.
-    stem_height: H after the stem conv (before the optional stem pooling).
-    stem_width: W after the stem conv.
-    stages: one ``StageShape`` per stage, in order.
-  """
-
-  stem_features: int
-  stem_height: int
-  stem_width: int
-  stages: tuple[StageShape, ...]
-
-
-def network_shape(spec: networks.NetworkSpec) -> NetworkShape:
-  """Widths and resolutions of the stem and stages of ``spec``.
-
-  Stem: 3x3 conv, stride ``stem_stride``, SAME; then, if ``stem_pool``, 3x3 stride-2 SAME
-  max pooling. Between stages: 2x2 stride-2 SAME max pooling. Stage ``s`` has width
-  ``features * stage_multipliers[s]``.
-  """
-  widths = [spec.features * m for m in spec.stage_multipliers]
-  stem_h = pooled_size(spec.image_size, spec.stem_stride)
-  h = pooled_size(stem_h, 2) if spec.stem_pool else stem_h
-  stages, in_features = [], widths[0]
-  for s, features in enumerate(widths):
-    if s:
-      h = pooled_size(h, 2)
-    stages.append(StageShape(in_features, features, h, h))
-    in_features = features
-  return NetworkShape(widths[0], stem_h, stem_h, tuple(stages))
-
-
-def network_params(spec: networks.NetworkSpec) -> int:
+def network_params(spec: NetworkSpec) -> int:
   """Trainable parameters of the network ``spec`` describes.
 
   Stem conv kernel ``9 * C_img * F`` and its BN ``2 * F``; every block (the first of a
@@ -260,7 +174,7 @@ def network_params(spec: networks.NetworkSpec) -> int:
   return total + last * spec.num_classes + spec.num_classes
 
 
-def network_flops(spec: networks.NetworkSpec) -> int:
+def network_flops(spec: NetworkSpec) -> int:
   """Forward FLOPs per image of the network ``spec`` describes (2 x MACs).
 
   Stem conv at its output resolution, every block at its stage's resolution, and the

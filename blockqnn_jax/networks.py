@@ -24,7 +24,6 @@ per stage instead of once per block.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -32,70 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from blockqnn_jax import blocks
-from blockqnn_jax import cost
 from blockqnn_jax import nsc
+from blockqnn_jax.architecture import NetworkSpec
 
 Dtype = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkSpec:
-  """The architecture of a network built from one block (see the module docstring).
-
-  Attributes:
-    block: the NSC block every block position runs (validated structurally on creation).
-    num_blocks: N, blocks per stage.
-    features: F, width of the first stage.
-    num_classes: classifier outputs.
-    image_size: S, input height and width in pixels.
-    in_channels: C_img, image channels.
-    stage_multipliers: stage ``s`` is ``F * stage_multipliers[s]`` wide.
-    stem_stride: stride of the stem conv.
-    stem_pool: 3x3 stride-2 max pooling after the stem.
-  """
-
-  block: nsc.Block
-  num_blocks: int
-  features: int
-  num_classes: int
-  image_size: int
-  in_channels: int = 3
-  stage_multipliers: tuple[int, ...] = (1, 2, 4)
-  stem_stride: int = 1
-  stem_pool: bool = False
-
-  def __post_init__(self):
-    if not isinstance(self.block, nsc.Block):
-      raise TypeError(f'block must be an nsc.Block, got {type(self.block).__name__}')
-    cost.buildable(self.block)
-    object.__setattr__(self, 'stage_multipliers', tuple(int(m) for m in self.stage_multipliers))
-    for name in ('num_blocks', 'features', 'num_classes', 'image_size', 'in_channels',
-                 'stem_stride'):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
-    if not self.stage_multipliers or min(self.stage_multipliers) < 1:
-      raise ValueError(f'stage_multipliers must be positive and non-empty, got '
-                       f'{self.stage_multipliers}')
-
-  @property
-  def shape(self) -> cost.NetworkShape:
-    """Widths and resolutions of the stem and every stage."""
-    return cost.network_shape(self)
-
-
-def cifar_spec(block: nsc.Block, num_blocks: int, features: int, num_classes: int,
-               image_size: int = 32, in_channels: int = 3) -> NetworkSpec:
-  """BlockQNN's CIFAR network: stride-1 3x3 stem, stages of N blocks at F, 2F, 4F."""
-  return NetworkSpec(block, num_blocks, features, num_classes, image_size, in_channels,
-                     stage_multipliers=(1, 2, 4), stem_stride=1, stem_pool=False)
-
-
-def imagenet_spec(block: nsc.Block, num_blocks: int, features: int, num_classes: int = 1000,
-                  image_size: int = 224, in_channels: int = 3) -> NetworkSpec:
-  """BlockQNN's ImageNet network: stride-2 3x3 stem, 3x3 stride-2 max pooling, then stages
-  of N blocks at F, 2F, 4F, 8F (a 224 image reaches the stages at 56, 28, 14, 7)."""
-  return NetworkSpec(block, num_blocks, features, num_classes, image_size, in_channels,
-                     stage_multipliers=(1, 2, 4, 8), stem_stride=2, stem_pool=True)
 
 
 class _ScanCell(nn.Module):

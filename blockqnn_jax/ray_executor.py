@@ -29,13 +29,12 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any
 
-from blockqnn_jax import canonical
 from blockqnn_jax import data as data_lib
+from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax.results import EvalResult
+from blockqnn_jax.settings import SearchSettings
 
 try:
   import ray
@@ -52,23 +51,23 @@ def _require_ray():
 class _Worker:
   """A Ray actor's body: one LocalExecutor over the devices the actor was given."""
 
-  def __init__(self, splits: data_lib.ImageSplits, config: dict, grammar: dict | None,
+  def __init__(self, splits: data_lib.ImageSplits, settings: dict, grammar: dict | None,
                compile_cache_dir: str | None):
     import jax
-    import ml_collections
 
-    from blockqnn_jax import executor as executor_lib
-    from blockqnn_jax import train as train_lib
+    from blockqnn_jax import local_executor
+    from blockqnn_jax.settings import SearchSettings
+    from blockqnn_jax.training import candidate as candidate_lib
 
     if compile_cache_dir:
       os.makedirs(compile_cache_dir, exist_ok=True)
-      train_lib.enable_persistent_compilation_cache(compile_cache_dir)
-    config = ml_collections.ConfigDict(config)
+      candidate_lib.enable_persistent_compilation_cache(compile_cache_dir)
+    settings = SearchSettings.from_config(settings)
     self.devices = jax.local_devices()
-    self.executor = executor_lib.LocalExecutor(
-        splits, config, devices=self.devices,
-        devices_per_candidate=config.executor.get('devices_per_candidate', 1),
-        compile_ahead=config.executor.get('compile_ahead', True),
+    self.executor = local_executor.LocalExecutor(
+        splits, settings, devices=self.devices,
+        devices_per_candidate=settings.executor.devices_per_candidate,
+        compile_ahead=settings.executor.compile_ahead,
         grammar=nsc.Grammar(**grammar) if grammar is not None else None)
 
   def info(self) -> dict[str, Any]:
@@ -77,16 +76,8 @@ class _Worker:
             'node_id': ray.get_runtime_context().get_node_id(),
             'devices': [str(d) for d in self.devices]}
 
-  def evaluate(self, block: nsc.Block, seed: int) -> EvalResult:
+  def evaluate(self, block: nsc.Block, seed: int):
     return self.executor.submit(block, seed).result()
-
-
-@dataclasses.dataclass
-class _Job:
-  block: nsc.Block
-  seed: int
-  future: concurrent.futures.Future
-  attempts: int = 0
 
 
 @dataclasses.dataclass
@@ -98,18 +89,19 @@ class _Handle:
   ready_ref: Any
   ready: bool = False
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
-  jobs: dict[Any, _Job] = dataclasses.field(default_factory=dict)  # ObjectRef -> job
+  jobs: dict[Any, executor_lib.Job] = dataclasses.field(default_factory=dict)  # ObjectRef -> job
   ready_at: float = 0.0
   busy_s: float = 0.0
 
 
-class RayExecutor:
+class RayExecutor(executor_lib.Executor):
   """Evaluates candidates on Ray worker actors (see the module docstring).
 
   Args:
     splits: the data, put once into Ray's object store; each worker places its own copy on
       its devices.
-    config: the search config (``train``, ``reward``, ``network``, ``executor`` sections).
+    settings: the search's settings (each worker scores with ``train``, ``reward``,
+      ``network`` and ``executor``).
     address: the cluster to join (``ray.init(address=...)``, e.g. ``'auto'`` or
       ``'ray://host:10001'``); '' starts a local Ray instance. Ignored when Ray is already
       initialised in this process.
@@ -128,7 +120,7 @@ class RayExecutor:
     init_kwargs: more arguments for ``ray.init`` (e.g. ``num_cpus`` for a local instance).
   """
 
-  def __init__(self, splits: data_lib.ImageSplits, config, *, address: str = '',
+  def __init__(self, splits: data_lib.ImageSplits, settings: SearchSettings, *, address: str = '',
                num_workers: int = 0, cpus_per_worker: float = 1.0,
                gpus_per_worker: float | None = None, max_attempts: int = 3,
                jobs_per_worker: int = 2, grammar: nsc.Grammar | None = None,
@@ -149,16 +141,15 @@ class RayExecutor:
     self.max_attempts = max_attempts
     self.jobs_per_worker = jobs_per_worker
     self.fixed_workers = num_workers
-    config_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
     self._actor_class = ray_.remote(_Worker).options(
         num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
         max_concurrency=jobs_per_worker, max_restarts=0,
         runtime_env={'env_vars': dict(worker_env)} if worker_env else None)
-    self._actor_args = (ray_.put(splits), config_dict,
+    self._actor_args = (ray_.put(splits), settings.to_dict(),
                         dataclasses.asdict(grammar) if grammar is not None else None,
                         compile_cache_dir)
     self._lock = threading.Condition()
-    self._queue: collections.deque[_Job] = collections.deque()
+    self._queue: collections.deque[executor_lib.Job] = collections.deque()
     self._workers: list[_Handle] = []
     self._spawned = 0
     self._start_failures: list[str] = []
@@ -179,20 +170,13 @@ class RayExecutor:
       return sum(1 for w in self._workers if w.ready)
 
   def submit(self, block: nsc.Block, seed: int = 0) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
+    job = executor_lib.Job(block, seed)
     with self._lock:
       if self._closing:
         raise RuntimeError('the executor is closed')
-      self._queue.append(_Job(block, seed, future))
+      self._queue.append(job)
       self._lock.notify_all()
-    return future
-
-  def map(self, blocks: Iterable[nsc.Block], seeds: Iterable[int] | None = None
-          ) -> list[EvalResult]:
-    blocks = list(blocks)
-    seeds = list(seeds) if seeds is not None else [0] * len(blocks)
-    futures = [self.submit(b, s) for b, s in zip(blocks, seeds)]
-    return [f.result() for f in futures]
+    return job.future
 
   def utilisation(self) -> float:
     """Fraction of the workers' lifetime (since each was ready) spent evaluating."""
@@ -224,9 +208,6 @@ class RayExecutor:
     if self._started_ray:
       ray.shutdown()
 
-  def __enter__(self):
-    return self
-
   def __exit__(self, exc_type, *exc):
     self.close(wait=exc_type is None)
 
@@ -247,7 +228,7 @@ class RayExecutor:
     actor = self._actor_class.remote(*self._actor_args)
     self._workers.append(_Handle(name, actor, actor.info.remote()))
 
-  def _drain(self) -> list[_Job]:
+  def _drain(self) -> list[executor_lib.Job]:
     jobs = list(self._queue)
     self._queue.clear()
     for w in self._workers:
@@ -309,12 +290,12 @@ class RayExecutor:
         self._lose(worker, job, _describe(e))
         return
       except Exception as e:  # the call itself broke (not the candidate): not retried
-        result = self._failed(job, f'error: worker call failed: {_describe(e)}')
+        result = job.failed(f'error: worker call failed: {_describe(e)}')
       worker.busy_s += result.total_s
       job.future.set_result(result)
       self._lock.notify_all()
 
-  def _lose(self, worker: _Handle, job: _Job, reason: str) -> None:
+  def _lose(self, worker: _Handle, job: executor_lib.Job, reason: str) -> None:
     """Retires a dead worker; its candidates go back to the queue or fail for good."""
     self.workers_lost += 1
     self._retired_busy_s += worker.busy_s
@@ -325,8 +306,8 @@ class RayExecutor:
     logging.warning('%s', reason)
     for lost in [job, *worker.jobs.values()]:
       if lost.attempts >= self.max_attempts:
-        lost.future.set_result(self._failed(
-            lost, f'{reason}; gave up after {lost.attempts} attempt(s)'))
+        lost.future.set_result(lost.failed(
+            f'{reason}; gave up after {lost.attempts} attempt(s)'))
       else:
         self.requeued += 1
         self._queue.appendleft(lost)
@@ -339,17 +320,8 @@ class RayExecutor:
     reason = f'no worker could start: {self._start_failures[-1]}'
     while self._queue:
       job = self._queue.popleft()
-      job.future.set_result(self._failed(job, reason))
+      job.future.set_result(job.failed(reason))
     self._lock.notify_all()
-
-  @staticmethod
-  def _failed(job: _Job, reason: str) -> EvalResult:
-    try:
-      key = canonical.canonical_key(job.block)
-    except Exception:
-      key = ''
-    return EvalResult(block=job.block.to_text(), canonical_key=key, status='failed',
-                      failure_reason=reason)
 
 
 def _describe(error: BaseException) -> str:

@@ -80,6 +80,12 @@ class EvalResult:
     return self.status == 'ok' and math.isfinite(self.reward)
 
   @property
+  def reusable(self) -> bool:
+    """Whether this result stands for every later sample of the same block: a success, or
+    a failure that is a fact about the block (not ``TRANSIENT_FAILURES``)."""
+    return self.ok or not is_transient_failure(self.failure_reason)
+
+  @property
   def nsc(self) -> str:
     """The block's NSC text (the store's column name for ``block``)."""
     return self.block
@@ -189,6 +195,26 @@ def from_row(row: Mapping[str, Any]) -> Candidate:
 
 class Diverged(RuntimeError):
   """A candidate's training loss became non-finite or exploded."""
+
+
+# Failures that depend on where and when a candidate ran, not on its block: the block is
+# trained again when next sampled, and on resume, instead of reusing the failure. Out of
+# memory counts as transient: it depends on the batch size, the device and what else shared
+# it, not only on the block. Every other failure (an invalid block, divergence, an error the
+# block's own program raised) is a fact about the block and is reused like a success.
+TRANSIENT_FAILURES = ('worker lost', 'no worker could start', 'error: worker call failed',
+                      'timeout', 'interrupted', 'out of memory')
+
+
+def is_transient_failure(reason: str) -> bool:
+  """Whether a failure reason says nothing about the block (see ``TRANSIENT_FAILURES``)."""
+  return reason.startswith(TRANSIENT_FAILURES)
+
+
+def failure_kind(reason: str) -> str:
+  """The kind of a failure reason: the text before its first colon ('out of memory',
+  'worker lost (worker-1 on host)' -> 'worker lost', 'error', ...)."""
+  return reason.split(':', 1)[0].split(' (', 1)[0].strip()
 
 
 def describe_failure(error: BaseException) -> str:

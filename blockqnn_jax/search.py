@@ -33,28 +33,33 @@ import numpy as np
 from blockqnn_jax import canonical
 from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
+from blockqnn_jax import results
 from blockqnn_jax import space as space_lib
+from blockqnn_jax import settings as settings_lib
 from blockqnn_jax import store as store_lib
+from blockqnn_jax import workdir_lock
 from blockqnn_jax.results import EvalResult
+from blockqnn_jax.settings import SearchSettings
 
-# Sections that may change between a run and its resumption: they decide how, not what.
-RESUMABLE_CHANGES = ('executor.',)
-# Fields added to the config after a workdir may have been created: a stored config that
-# lacks one ran with this value (so a workdir from an older version resumes as it was).
-ADDED_FIELDS = {
-    'search.max_staleness': 0,
-    'search.failed_reward': 0.0,
-    'train.loop': 'auto',  # scan and steps train the same network (tests/test_train.py)
-    'data.stream': False,
-}
+# Fields that may change between a run and its resumption: they decide how, not what.
+RESUMABLE_CHANGES = ('executor.', 'search.stop_after_failures')
 
 
 class ConfigMismatch(RuntimeError):
   """The workdir holds a search with a different config."""
 
 
+class SearchFailed(RuntimeError):
+  """Candidates keep failing for a reason that is not about the blocks (the data, the
+  devices, the settings): stopping says so instead of teaching the agent reward 0."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSummary:
+  """The whole search so far: ``candidates`` rows, of which ``trained`` were trained
+  (``trained_failed`` of them failed) and ``cached`` reused an identical block's result;
+  ``failed`` counts every failed row, reused ones included."""
+
   iterations_done: int
   candidates: int
   trained: int
@@ -63,6 +68,7 @@ class SearchSummary:
   best: store_lib.Candidate | None
   wall_s: float
   worker_idle_fraction: float | None = None  # when the executor reports its utilisation
+  trained_failed: int = 0
 
   @property
   def cache_hit_rate(self) -> float:
@@ -76,19 +82,34 @@ def candidate_seed(seed: int, canonical_key: str) -> int:
   return int.from_bytes(digest[:4], 'little') >> 1
 
 
-def check_config(store: store_lib.ResultsStore, config, allow_change: bool) -> None:
-  new = store_lib.config_json(config)
+def stored_settings(store: store_lib.ResultsStore) -> SearchSettings | None:
+  """The settings a workdir's search was started with (None for a new workdir). A field
+  added since then reads as its default, so an older workdir resumes as it ran."""
   old = store.get_meta('config')
-  if old is None:
-    store.set_meta('config', new)
-    return
-  changed = store_lib.config_differences(old, new, ignore=(), defaults=ADDED_FIELDS)
-  changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
-  if changed and not allow_change:
-    raise ConfigMismatch(
-        f'{store.path} holds a search with a different config ({", ".join(changed)}); use a '
-        f'new --workdir, or pass --allow_config_change to continue it with this config')
-  store.set_meta('config', new)
+  return None if old is None else SearchSettings.from_config(old)
+
+
+def check_config(store: store_lib.ResultsStore, settings: SearchSettings,
+                 allow_change: bool) -> None:
+  """Stores ``settings`` in a new workdir; refuses a different search on an existing one
+  (``ConfigMismatch`` naming the fields) unless ``allow_change``."""
+  old = stored_settings(store)
+  if old is not None:
+    changed = settings_lib.differences(old, settings, ignore=RESUMABLE_CHANGES)
+    space_changed = [k for k in changed if k.startswith('space.')]
+    if space_changed and store.load_agent() is not None:
+      raise ConfigMismatch(
+          f'{store.path} holds an agent over another search space ({", ".join(space_changed)}'
+          '): its Q values and sampled blocks cannot follow a changed space, even with '
+          '--allow_config_change; use a new --workdir')
+    if changed and not allow_change:
+      flat_old, flat_new = (settings_lib.flatten(s.to_dict()) for s in (old, settings))
+      details = ', '.join(f'{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}'
+                          for k in changed[:6])
+      raise ConfigMismatch(
+          f'{store.path} holds a search with a different config ({details}); use a new '
+          '--workdir, or pass --allow_config_change to continue it with this config')
+  store.set_meta('config', settings.to_json())
 
 
 class _Progress:
@@ -128,11 +149,12 @@ class _Iteration:
     return all(r is not None for r in self.results)
 
 
-def run_search(config, workdir: str | Path, executor, *, allow_config_change: bool = False,
+def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
+               allow_config_change: bool = False,
                max_iterations: int | None = None, progress: bool = True,
                on_recorded: Callable[[int, int, EvalResult], None] | None = None
                ) -> SearchSummary:
-  """Runs (or resumes) the search of ``config`` in ``workdir`` on ``executor``.
+  """Runs (or resumes) the search of ``settings`` in ``workdir`` on ``executor``.
 
   With ``search.max_staleness = S`` the agent may sample iteration ``j`` as soon as iteration
   ``j - S - 1`` has been learned from, so up to S + 1 iterations are in flight and workers
@@ -141,7 +163,7 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
   sampled sequence does not depend on timing; S = 0 is the paper's strict iterations.
 
   Args:
-    config: the search config (see configs/cifar.py).
+    settings: the search's settings (``SearchSettings.from_config`` of configs/cifar.py).
     workdir: where the store, TensorBoard events and compiled programs live.
     executor: anything with ``submit(block, seed) -> Future[EvalResult]``; an optional
       ``utilisation()`` (fraction of worker time spent evaluating) is logged.
@@ -154,20 +176,32 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
 
   Returns:
     A summary of the whole search so far.
+
+  Raises:
+    workdir_lock.WorkdirBusy: another search holds the workdir.
+    ConfigMismatch: the workdir holds a search with a different config.
+    SearchFailed: candidates keep failing for a reason that is not about the blocks.
   """
+  with workdir_lock.WorkdirLock(workdir, purpose='search'):  # WorkdirBusy: someone else's
+    return _run_search(settings, workdir, executor, allow_config_change=allow_config_change,
+                       max_iterations=max_iterations, progress=progress,
+                       on_recorded=on_recorded)
+
+
+def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
+                allow_config_change: bool, max_iterations: int | None, progress: bool,
+                on_recorded: Callable[[int, int, EvalResult], None] | None
+                ) -> SearchSummary:
   start = time.perf_counter()
   store = store_lib.ResultsStore(workdir)
-  check_config(store, config, allow_config_change)
-  grammar = nsc.Grammar(**config.space)
-  space = space_lib.build_space(grammar)
-  agent = ql.QLearningConfig(**config.agent)
-  schedule = ql.EpsilonSchedule(tuple(tuple(p) for p in config.search.epsilon_schedule))
-  batch = config.search.blocks_per_iteration
-  staleness = int(config.search.get('max_staleness', 0))
-  if staleness < 0:
-    raise ValueError(f'search.max_staleness must be >= 0, got {staleness}')
-  failed_reward = float(config.search.get('failed_reward', 0.0))
-  base_key = jax.random.PRNGKey(config.seed)
+  check_config(store, settings, allow_config_change)
+  space = space_lib.build_space(settings.space)
+  agent = settings.agent
+  schedule = settings.search.schedule
+  batch = settings.search.blocks_per_iteration
+  staleness = settings.search.max_staleness
+  failed_reward = settings.search.failed_reward
+  base_key = jax.random.PRNGKey(settings.seed)
 
   saved = store.load_agent()
   if saved is None:
@@ -192,6 +226,7 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
   # A training's canonical key and the (iteration, position)s waiting for it, owner first.
   waiters: dict[concurrent.futures.Future, tuple[str, list[tuple[int, int]]]] = {}
   finished_here = 0
+  failures = _FailureWatch(settings.search.stop_after_failures)
 
   def record(it: _Iteration, position: int, result: EvalResult, was_cached: bool):
     it.results[position], it.cached[position] = result, was_cached
@@ -220,11 +255,13 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
                                      time.perf_counter())
     recorded = store.iteration_rows(index)
     for position, block in enumerate(blocks):
-      if position in recorded:  # recorded before an interruption
-        row = recorded[position]
+      row = recorded.get(position)
+      if row is not None and row.result.reusable:  # recorded before an interruption
         it.results[position] = row.result
         it.cached[position] = row.cached
         continue
+      if row is not None:  # a transient failure (a lost worker, out of memory): train again
+        store.forget(index, position)
       key = canonical.canonical_key(block)
       earlier = store.trained(key)
       if earlier is not None:
@@ -233,7 +270,7 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
       elif key in training:  # the same block is training for this or an earlier iteration
         waiters[training[key]][1].append((index, position))
       else:
-        future = executor.submit(block, seed=candidate_seed(config.seed, key))
+        future = executor.submit(block, seed=candidate_seed(settings.seed, key))
         training[key] = future
         waiters[future] = (key, [(index, position)])
 
@@ -256,6 +293,12 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
             owner = pending[index]
             record(owner, position, result if n == 0 else dataclasses.replace(
                 result, block=owner.blocks[position].to_text()), n > 0)
+      # In (iteration, position) order, so whether a search stops never depends on timing;
+      # after recording (the failures are kept), before the agent learns reward 0 from them.
+      for result, was_cached in zip(it.results, it.cached):
+        if not was_cached:
+          failures.see(result)
+      failures.check()
       del pending[learned]
       rewards = np.asarray([r.reward if r.ok else failed_reward for r in it.results],
                            np.float32)
@@ -275,6 +318,9 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
       if busy is not None:
         postfix['idle'] = f'{1 - busy:.0%}'
       bar.update(0, **postfix)
+  except BaseException:
+    store.close()
+    raise
   finally:
     bar.close()
     if writer is not None:
@@ -285,9 +331,37 @@ def run_search(config, workdir: str | Path, executor, *, allow_config_change: bo
       trained=store.count('WHERE cached = 0'), cached=store.count('WHERE cached = 1'),
       failed=store.count("WHERE status = 'failed'"), best=store.best(),
       wall_s=time.perf_counter() - start,
-      worker_idle_fraction=None if utilisation is None else 1 - utilisation())
+      worker_idle_fraction=None if utilisation is None else 1 - utilisation(),
+      trained_failed=store.count("WHERE cached = 0 AND status = 'failed'"))
   store.close()
   return summary
+
+
+class _FailureWatch:
+  """Counts trained candidates that failed in a row; ``check`` raises ``SearchFailed`` once
+  the last ``limit`` failed for one kind of reason. A run of identical failures is the
+  signature of the settings, the data or the devices, not of the blocks (invalid blocks,
+  the one kind that is only about a block, do not count)."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.reasons: list[str] = []
+
+  def see(self, result: EvalResult) -> None:
+    if result.ok:
+      self.reasons = []
+    elif not result.failure_reason.startswith('invalid block'):
+      self.reasons.append(result.failure_reason)
+
+  def check(self) -> None:
+    if not self.limit or len(self.reasons) < self.limit:
+      return
+    recent = self.reasons[-self.limit:]
+    kinds = {results.failure_kind(r) for r in recent}
+    if len(kinds) == 1:
+      raise SearchFailed(
+          f'the last {len(recent)} candidates trained all failed ({kinds.pop()}): that is the '
+          f'settings, the data or the devices, not the blocks. The last said: {recent[-1]}')
 
 
 def _tensorboard(workdir: Path):

@@ -21,12 +21,11 @@ search resumes from it. Tables:
 from __future__ import annotations
 
 import io
-import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +61,7 @@ CREATE TABLE IF NOT EXISTS agent_state (
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(ValueError):
   """The workdir's database is missing, corrupt, or not a search store."""
 
 
@@ -92,8 +91,16 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return db
   except sqlite3.OperationalError:
     # A WAL database in a read-only directory cannot make its -shm file: read it as a file.
-    return sqlite3.connect(f'{path.resolve().as_uri()}?immutable=1', uri=True,
-                           check_same_thread=False)
+    db = sqlite3.connect(f'{path.resolve().as_uri()}?immutable=1', uri=True,
+                         check_same_thread=False)
+  except sqlite3.DatabaseError as e:  # not an SQLite file at all
+    raise StoreError(f'{path} is not a search database ({e})') from None
+  try:
+    db.execute('SELECT 1 FROM sqlite_master LIMIT 1')
+  except sqlite3.DatabaseError as e:
+    db.close()
+    raise StoreError(f'{path} is not a search database ({e})') from None
+  return db
 
 
 class ResultsStore:
@@ -116,14 +123,38 @@ class ResultsStore:
       self.workdir.mkdir(parents=True, exist_ok=True)
       self.path = self.workdir / DB_NAME
       self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-      self._db.execute('PRAGMA journal_mode=WAL')  # readers (the report) never block the search
-      self._db.execute('PRAGMA synchronous=FULL')
-      with self._lock:
-        self._db.executescript(_schema())
-        self._db.execute('INSERT OR IGNORE INTO meta VALUES (?, ?)',
-                         ('schema_version', str(SCHEMA_VERSION)))
-        self._add_missing_columns()
+      try:
+        self._check_not_foreign()  # before anything is written: a bad file stays as it was
+        self._db.execute('PRAGMA journal_mode=WAL')  # readers (the report) never block
+        self._db.execute('PRAGMA synchronous=FULL')
+        with self._lock:
+          self._db.executescript(_schema())
+          self._db.execute('INSERT OR IGNORE INTO meta VALUES (?, ?)',
+                           ('schema_version', str(SCHEMA_VERSION)))
+          self._add_missing_columns()
+      except sqlite3.DatabaseError as e:
+        self._db.close()
+        raise StoreError(f'{self.path} is not a usable search database ({e}); move it '
+                         'away or use a new --workdir') from None
+      except StoreError:
+        self._db.close()
+        raise
     self._columns = self._table_columns()
+
+  def _check_not_foreign(self) -> None:
+    """Refuses an SQLite file that holds tables but not a search's (someone else's data)."""
+    tables = {r[0] for r in self._db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()}
+    tables.discard('sqlite_sequence')
+    if tables and not {'candidates', 'meta'} <= tables:
+      raise StoreError(f'{self.path} is an SQLite database of something else (tables: '
+                       f'{", ".join(sorted(tables))}); move it away or use a new --workdir')
+    if 'candidates' in tables:
+      have = {r[1] for r in self._db.execute('PRAGMA table_info(candidates)').fetchall()}
+      missing = [c for c in results.REQUIRED if c not in have]
+      if missing:
+        raise StoreError(f'{self.path}: table candidates lacks columns {missing}; not a '
+                         'search database this version can continue')
 
   @classmethod
   def open_read_only(cls, path: str | Path) -> 'ResultsStore':
@@ -208,10 +239,16 @@ class ResultsStore:
     return {c.position: c for c in self._select('WHERE iteration = ?', (iteration,))}
 
   def trained(self, canonical_key: str) -> Candidate | None:
-    """The first candidate with this canonical key that was actually trained, if any."""
-    rows = self._select('WHERE canonical_key = ? AND cached = 0 ORDER BY id LIMIT 1',
-                        (canonical_key,))
-    return rows[0] if rows else None
+    """The first candidate with this canonical key that was trained with a reusable
+    result (a success, or a failure that is a fact about the block), if any."""
+    rows = self._select('WHERE canonical_key = ? AND cached = 0 ORDER BY id', (canonical_key,))
+    return next((row for row in rows if row.result.reusable), None)
+
+  def forget(self, iteration: int, position: int) -> None:
+    """Removes a recorded candidate (a transient failure, to be trained again)."""
+    with self._lock:
+      self._db.execute('DELETE FROM candidates WHERE iteration = ? AND position = ?',
+                       (iteration, position))
 
   def candidates(self) -> list[Candidate]:
     """Every candidate, ordered by (iteration, position)."""
@@ -274,31 +311,3 @@ def _npz_bytes(arrays: dict[str, Any]) -> bytes:
 def _npz_arrays(blob: bytes) -> dict[str, np.ndarray]:
   with np.load(io.BytesIO(blob)) as arrays:
     return {k: arrays[k] for k in arrays.files}
-
-
-def config_json(config) -> str:
-  """A stable JSON form of a ConfigDict (or dict), for comparing runs."""
-  as_dict = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  return json.dumps(as_dict, sort_keys=True, default=str)
-
-
-def config_differences(old: str, new: str, ignore: Iterable[str] = (),
-                       defaults: dict[str, Any] | None = None) -> list[str]:
-  """Dotted keys whose values differ between two ``config_json`` strings.
-
-  A key in ``defaults`` that one side lacks compares as its default value there.
-  """
-  def flatten(d, prefix=''):
-    out = {}
-    for k, v in d.items():
-      key = f'{prefix}{k}'
-      if isinstance(v, dict):
-        out.update(flatten(v, key + '.'))
-      else:
-        out[key] = v
-    return out
-  defaults = json.loads(json.dumps(defaults or {}))  # as it would read back from JSON
-  a = {**defaults, **flatten(json.loads(old))}
-  b = {**defaults, **flatten(json.loads(new))}
-  ignored = set(ignore)
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ignored)

@@ -6,14 +6,14 @@
   --config.block='' --config.search_workdir=workdirs/cifar100 [--config.rank=2]
                                            retrain the search's best (or rank-th) block
 
-Where the block comes from (``retrain.resolve_block``): ``block`` when it is non-empty;
-otherwise, with ``search_workdir`` set, the ``rank``-th distinct block of
-``<search_workdir>/report/top_blocks.txt`` or, without that file, of the search's
-``search.sqlite`` (the ``status = 'ok'`` candidates by reward). Setting both ``block`` and
-``search_workdir`` is refused as ambiguous.
+Where the block comes from (``training.final.resolve_block``): ``block`` when it is
+non-empty; otherwise, with ``search_workdir`` set, the ``rank``-th distinct block of
+``<search_workdir>/report/top_blocks.txt`` or, without that file, of the search's results
+store (the successful candidates by reward, as the report ranks them). Setting both ``block``
+and ``search_workdir`` is refused as ambiguous.
 
-``train`` mirrors ``retrain.RetrainConfig``, so ``RetrainConfig(**config.train)`` builds the
-pure object the jitted steps close over.
+The entry point turns this config into ``settings.FinalSettings`` once (``train`` into
+``settings.FinalTrainConfig``); every default and range check lives in those dataclasses.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       augment=True,
       crop_padding=4,
       compute_dtype='auto',
-      prng_impl='rbg',  # threefry initialisers compile ~10x slower on CPU (see train.py)
+      prng_impl='rbg',  # threefry initialisers compile ~10x slower on CPU (see settings.py)
       eval_batch_size=1000,
       eval_every_epochs=1,
       checkpoint_every_epochs=5,

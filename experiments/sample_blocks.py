@@ -16,12 +16,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from blockqnn_jax import architecture
 from blockqnn_jax import canonical
 from blockqnn_jax import cost
-from blockqnn_jax import networks
-from blockqnn_jax import nsc
 from blockqnn_jax import qlearning
 from blockqnn_jax import space as space_lib
+from blockqnn_jax.settings import SearchSettings
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
                                           'Search config (file[:preset]).')
@@ -32,17 +32,19 @@ _EPSILON = flags.DEFINE_float('epsilon', 1.0, 'ε; with an untrained Q any ε sa
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  space = space_lib.build_space(nsc.Grammar(**config.space))
-  q = qlearning.init_q(space, config.agent.q_init)
-  trajectories = qlearning.sample_blocks(jax.random.PRNGKey(config.seed), q, space,
+  settings = SearchSettings.from_config(_CONFIG.value)
+  space = space_lib.build_space(settings.space)
+  q = qlearning.init_q(space, settings.agent.q_init)
+  trajectories = qlearning.sample_blocks(jax.random.PRNGKey(settings.seed), q, space,
                                          _EPSILON.value, _NUM.value)
   print(f'space: T={space.max_index}, {space.num_states} states, '
         f'up to {space.max_actions} actions per state')
-  net = config.network
+  net = settings.network  # the network kind the config searches in (cifar or imagenet)
+  print(f'network: {net.kind}, N={net.num_blocks}, F={net.features}, '
+        f'{net.image_size}x{net.image_size} images, {net.num_classes} classes')
   for i, block in enumerate(space.decode_batch(np.asarray(trajectories.states))):
-    spec = networks.cifar_spec(block, net.num_blocks, net.features, net.num_classes,
-                               net.image_size)
+    spec = architecture.spec_for(block, net.kind, net.num_blocks, net.features,
+                                 net.num_classes, (net.image_size, net.image_size, 3))
     print(f'\n[{i}] {block.to_text()}')
     print(f'    canonical {canonical.canonical_key(block)}')
     print(f'    layers {len(block.body)}  depth {block.depth()}  density {block.density():.2f}'

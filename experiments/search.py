@@ -20,8 +20,10 @@ from ml_collections import config_flags
 
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import search as search_lib
-from blockqnn_jax import streaming
-from blockqnn_jax import train as train_lib
+from blockqnn_jax import store as store_lib
+from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.training import candidate as candidate_lib
+from blockqnn_jax.training import streamed
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
                                           'Search config (file[:preset]).')
@@ -35,22 +37,22 @@ _PROGRESS = flags.DEFINE_bool('progress', True, 'Show a progress bar.')
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  settings = SearchSettings.from_config(_CONFIG.value)
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   # Programs of candidates in flight at a kill are reloaded, not recompiled, on resume.
-  train_lib.enable_persistent_compilation_cache(workdir / 'compile_cache')
-  splits = streaming.load_search_data(config)
-  if isinstance(splits, streaming.OpenStream):
+  candidate_lib.enable_persistent_compilation_cache(workdir / 'compile_cache')
+  splits = streamed.load_search_data(settings.data, settings.network, settings.seed)
+  if isinstance(splits, streamed.OpenStream):
     logging.info('data %s (streamed): %d train / %d validation images at %s', splits.name,
                  len(splits.train_indices), len(splits.val_indices), splits.image_shape)
   else:
     logging.info('data %s: %d train / %d validation images of %s', splits.name,
                  len(splits.train_labels), len(splits.val_labels), splits.image_shape)
-  with executor_lib.make_executor(splits, config,
+  with executor_lib.make_executor(splits, settings,
                                   compile_cache_dir=str(workdir.resolve() / 'compile_cache')
                                   ) as executor:
-    summary = search_lib.run_search(config, workdir, executor,
+    summary = search_lib.run_search(settings, workdir, executor,
                                     allow_config_change=_ALLOW.value,
                                     max_iterations=_MAX_ITERATIONS.value,
                                     progress=_PROGRESS.value)
@@ -62,7 +64,7 @@ def main(argv):
     print(f'workers idle {summary.worker_idle_fraction:.1%} of the time')
   if best is not None:
     print(f'best reward {best.reward:.4f} (accuracy {best.val_accuracy:.4f}): {best.nsc}')
-  print(f'results: {workdir / "search.sqlite"}')
+  print(f"results: {workdir / store_lib.DB_NAME}")
 
 
 if __name__ == '__main__':

@@ -22,7 +22,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from blockqnn_jax import retrain
+from blockqnn_jax.settings import FinalSettings
+from blockqnn_jax.training import final
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar_final.py:smoke',
                                           'Retraining config (file[:preset]).')
@@ -51,21 +52,22 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _ORBAX_INFO.value:
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+  # The config is read here, once; everything below takes the typed settings.
+  settings = FinalSettings.from_config(_CONFIG.value)
   # A scheduler's SIGTERM (preemption) unwinds like Ctrl-C: the last finished epoch is saved.
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
-  summary = retrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                       max_epochs_this_run=_MAX_EPOCHS.value)
-  if not summary['complete']:
-    print(f'stopped after epoch {summary["epochs"]}; run the same command to continue')
+  result = final.train_and_evaluate(settings, _WORKDIR.value,
+                                    max_epochs_this_run=_MAX_EPOCHS.value)
+  if not result.complete:
+    print(f'stopped after epoch {result.epochs}; run the same command to continue')
     return
-  val = summary.get('val_accuracy')
-  test = summary['test_accuracy']
-  print(f'block {summary["block"]}: test accuracy '
+  val, test = result.val_accuracy, result.test_accuracy
+  print(f'block {result.block}: test accuracy '
         f'{"n/a" if test is None else f"{test:.4f}"}'
         f'{"" if val is None else f", validation accuracy {val:.4f}"}, '
-        f'{summary["params"]:,} params, {summary["flops"] / 1e6:,.1f} MFLOPs/image, '
-        f'{summary["epochs"]} epochs, {summary["wall_s"]:.0f} s')
-  print(f'results: {_WORKDIR.value}/{retrain.FINAL_FILE}')
+        f'{result.params:,} params, {result.flops / 1e6:,.1f} MFLOPs/image, '
+        f'{result.epochs} epochs, {result.wall_s:.0f} s')
+  print(f'results: {_WORKDIR.value}/{final.FINAL_FILE}')
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from blockqnn_jax import architecture
 from blockqnn_jax import cost
 from blockqnn_jax import networks
 from blockqnn_jax import nsc
@@ -80,7 +81,7 @@ def _valid_taps(size: int, kernel: int, stride: int = 1) -> int:
 
 def _padding_aware_network_flops(spec) -> int:
   """``cost.network_flops`` but skipping taps over the zero padding, as XLA counts them."""
-  shape = cost.network_shape(spec)
+  shape = architecture.network_shape(spec)
   taps = _valid_taps(spec.image_size, 3, spec.stem_stride)
   total = 2 * taps * taps * spec.in_channels * shape.stem_features
   for stage in shape.stages:
@@ -96,19 +97,19 @@ def _padding_aware_network_flops(spec) -> int:
 
 
 def test_specs():
-  spec = networks.cifar_spec(RESIDUAL, 2, 32, 100)
+  spec = architecture.cifar_spec(RESIDUAL, 2, 32, 100)
   assert (spec.image_size, spec.stage_multipliers, spec.stem_stride, spec.stem_pool) == (
       32, (1, 2, 4), 1, False)
   assert [(s.in_features, s.features, s.height) for s in spec.shape.stages] == [
       (32, 32, 32), (32, 64, 16), (64, 128, 8)]
-  spec = networks.imagenet_spec(RESIDUAL, 1, 64, 1000)
+  spec = architecture.imagenet_spec(RESIDUAL, 1, 64, 1000)
   shape = spec.shape
   # 224 -> stride-2 stem 112 -> stride-2 pool 56 -> stages at 56, 28, 14, 7.
   assert shape.stem_height == 112
   assert [(s.features, s.height) for s in shape.stages] == [
       (64, 56), (128, 28), (256, 14), (512, 7)]
   # Odd sizes round up, as SAME stride-2 windows do: 10 -> 10, 5, 3.
-  spec = networks.cifar_spec(RESIDUAL, 1, 4, 10, image_size=10)
+  spec = architecture.cifar_spec(RESIDUAL, 1, 4, 10, image_size=10)
   assert [s.height for s in spec.shape.stages] == [10, 5, 3]
   hash(spec)  # a Flax module field: hashable and frozen
   with pytest.raises(dataclasses.FrozenInstanceError):
@@ -118,19 +119,19 @@ def test_specs():
 def test_invalid_specs_are_rejected():
   with pytest.raises(nsc.NSCError, match="cannot build block '1,1,3,0,0 2,5,0,1,1 3,7,0,0,0'"
                                          '.*layer 2: add needs two different predecessors'):
-    networks.cifar_spec(nsc.Block.parse('1,1,3,0,0 2,5,0,1,1 3,7,0,0,0'), 1, 4, 10)
+    architecture.cifar_spec(nsc.Block.parse('1,1,3,0,0 2,5,0,1,1 3,7,0,0,0'), 1, 4, 10)
   with pytest.raises(ValueError, match='num_blocks must be positive'):
-    networks.cifar_spec(RESIDUAL, 0, 4, 10)
+    architecture.cifar_spec(RESIDUAL, 0, 4, 10)
   with pytest.raises(TypeError, match='nsc.Block'):
-    networks.cifar_spec('1,1,3,0,0 2,7,0,0,0', 1, 4, 10)
-  model = networks.BlockNet(networks.cifar_spec(RESIDUAL, 1, 4, 10, image_size=8))
+    architecture.cifar_spec('1,1,3,0,0 2,7,0,0,0', 1, 4, 10)
+  model = networks.BlockNet(architecture.cifar_spec(RESIDUAL, 1, 4, 10, image_size=8))
   with pytest.raises(ValueError, match=r'expected images \(B, H, W, 3\)'):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
 
 
 def test_stage_resolutions_match_flax():
   # The stage geometry cost counts with is the one Flax runs (odd size: 10 -> 10, 5, 3).
-  spec = networks.cifar_spec(RESIDUAL, 1, 4, 10, image_size=10)
+  spec = architecture.cifar_spec(RESIDUAL, 1, 4, 10, image_size=10)
   model = networks.BlockNet(spec)
   variables = _abstract(model, spec)
   x = jax.ShapeDtypeStruct((1, 10, 10, 3), jnp.float32)
@@ -154,12 +155,12 @@ def test_network_params_by_hand():
   # stage 2 (C_in = 8, F = 16): 1152 + 32 = 1184; 2304 + 32 = 2336; 128 + 32 = 160: 3680.
   # classifier 16*10 + 10 = 170.
   # Total 116 + 304 + 944 + 3680 + 170 = 5214.
-  spec = networks.cifar_spec(RESIDUAL, 1, 4, 10, image_size=8)
+  spec = architecture.cifar_spec(RESIDUAL, 1, 4, 10, image_size=8)
   assert cost.network_params(spec) == 5214
   assert _num_params(_abstract(networks.BlockNet(spec), spec)) == 5214
 
 
-@pytest.mark.parametrize('make', [networks.cifar_spec, networks.imagenet_spec])
+@pytest.mark.parametrize('make', [architecture.cifar_spec, architecture.imagenet_spec])
 @pytest.mark.parametrize('block', [RESIDUAL, INCEPTION, POOLS],
                          ids=['residual', 'inception', 'pools'])
 @pytest.mark.parametrize('num_blocks', [1, 3])
@@ -172,7 +173,7 @@ def test_network_params_match_flax_with_and_without_scan(make, block, num_blocks
 
 
 def test_scan_stacks_the_later_blocks():
-  spec = networks.cifar_spec(INCEPTION, 3, 4, 10, image_size=8)
+  spec = architecture.cifar_spec(INCEPTION, 3, 4, 10, image_size=8)
   params = _abstract(networks.BlockNet(spec, scan_blocks=True), spec)['params']
   assert set(params) == {'stem', 'head'} | {f'stage{s}_{b}' for s in range(3)
                                             for b in ('block0', 'scan')}
@@ -197,7 +198,7 @@ def _stack_later_blocks(variables, spec):
 
 
 def test_scan_computes_the_same_function():
-  spec = networks.cifar_spec(INCEPTION, 3, 4, 10, image_size=8)
+  spec = architecture.cifar_spec(INCEPTION, 3, 4, 10, image_size=8)
   plain, scanned = networks.BlockNet(spec), networks.BlockNet(spec, scan_blocks=True)
   variables = _fill(_abstract(plain, spec))
   x = _images(spec)
@@ -213,7 +214,7 @@ def test_scan_computes_the_same_function():
 
 @pytest.mark.parametrize('scan', [False, True])
 def test_train_updates_batch_stats(scan):
-  spec = networks.cifar_spec(RESIDUAL, 2, 4, 10, image_size=8)
+  spec = architecture.cifar_spec(RESIDUAL, 2, 4, 10, image_size=8)
   model = networks.BlockNet(spec, scan_blocks=scan, bn_momentum=0.5)
   variables = _fill(_abstract(model, spec))
   logits, updates = jax.jit(
@@ -227,7 +228,7 @@ def test_train_updates_batch_stats(scan):
 
 
 def test_bfloat16_activations_float32_params_and_logits():
-  spec = networks.cifar_spec(RESIDUAL, 2, 4, 10, image_size=8)
+  spec = architecture.cifar_spec(RESIDUAL, 2, 4, 10, image_size=8)
   model = networks.BlockNet(spec, dtype=jnp.bfloat16, scan_blocks=True)
   abstract = _abstract(model, spec)
   for leaf in jax.tree.leaves(abstract):
@@ -249,7 +250,7 @@ def test_bfloat16_activations_float32_params_and_logits():
 def test_real_init_draws_distinct_scanned_blocks():
   # split_rngs: the stacked blocks get their own random kernels, not one copy. (An rbg key
   # because compiling threefry for every parameter takes ~9 s on CPU; the split is the same.)
-  spec = networks.cifar_spec(RESIDUAL, 3, 4, 10, image_size=4)
+  spec = architecture.cifar_spec(RESIDUAL, 3, 4, 10, image_size=4)
   model = networks.BlockNet(spec, scan_blocks=True)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 4, 4, 3)), train=False))(
       jax.random.key(0, impl='unsafe_rbg'))
@@ -269,16 +270,16 @@ def test_network_flops_by_hand():
   # stage 2 at 2x2: 1152 + 2304 + 128 = 3584: 2 * 3584 * 4 = 28672.
   # classifier 16 -> 10: 2 * 160 = 320.
   # Total 13824 + 36864 + 28672 + 28672 + 320 = 108352.
-  spec = networks.cifar_spec(RESIDUAL, 1, 4, 10, image_size=8)
+  spec = architecture.cifar_spec(RESIDUAL, 1, 4, 10, image_size=8)
   assert cost.network_flops(spec) == 108352
 
 
 @pytest.mark.parametrize('make, size, padding_band, plain_band', [
     # F = 16, N = 2 on 8x8: measured XLA/ours 0.687 (residual), 0.632 (inception).
-    (networks.cifar_spec, 8, 1.04, (0.6, 0.75)),
+    (architecture.cifar_spec, 8, 1.04, (0.6, 0.75)),
     # ImageNet layout on 16x16: the stages run at 4, 2, 1 and 1 pixels, where a 3x3 SAME
     # window is mostly padding: measured 0.291 and 0.335.
-    (networks.imagenet_spec, 16, 1.05, (0.25, 0.4)),
+    (architecture.imagenet_spec, 16, 1.05, (0.25, 0.4)),
 ], ids=['cifar', 'imagenet'])
 @pytest.mark.parametrize('block', [RESIDUAL, INCEPTION], ids=['residual', 'inception'])
 def test_network_flops_against_xla(make, size, padding_band, plain_band, block):

@@ -8,8 +8,8 @@ so ``train_epoch`` compiles once per process and later runs reuse it.
 from __future__ import annotations
 
 import json
+import math
 import os
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -20,9 +20,14 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from blockqnn_jax import architecture
+from blockqnn_jax import canonical
 from blockqnn_jax import cost
 from blockqnn_jax import nsc
-from blockqnn_jax import retrain
+from blockqnn_jax import store
+from blockqnn_jax.results import EvalResult
+from blockqnn_jax.settings import FinalSettings
+from blockqnn_jax.training import final as final_lib
 from configs import cifar_final
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,18 +39,19 @@ NUM_TRAIN, BATCH = 240, 32  # 300 digits minus 60 for validation
 
 def _fake_search(root: Path, lines: list[str] | None = None,
                  rows: list[tuple[str, str, float | None]] | None = None) -> Path:
-  """A search workdir with ``report/top_blocks.txt`` lines and/or ``search.sqlite`` rows."""
+  """A search workdir with ``report/top_blocks.txt`` lines and/or results-store rows
+  ``(nsc, status, reward)`` (None: no reward), recorded in order."""
   root.mkdir(parents=True, exist_ok=True)
   if lines is not None:
     (root / 'report').mkdir(exist_ok=True)
     (root / 'report' / 'top_blocks.txt').write_text('\n'.join(lines) + '\n')
   if rows is not None:
-    db = sqlite3.connect(root / 'search.sqlite')
-    db.execute('CREATE TABLE candidates (id INTEGER PRIMARY KEY, nsc TEXT, status TEXT, '
-               'reward REAL, val_accuracy REAL)')
-    db.executemany('INSERT INTO candidates (nsc, status, reward) VALUES (?, ?, ?)', rows)
-    db.commit()
-    db.close()
+    with store.ResultsStore(root) as results_store:
+      for position, (text, status, reward) in enumerate(rows):
+        key = canonical.canonical_key(nsc.Block.parse(text))
+        result = EvalResult(block=text, canonical_key=key, status=status,
+                            reward=math.nan if reward is None else reward)
+        results_store.record(0, position, 1.0, result, cached=False)
   return root
 
 
@@ -63,6 +69,11 @@ def _tiny_config(search_workdir: Path):
   return config
 
 
+def _settings(config) -> FinalSettings:
+  """The typed settings of a config, as the entry point builds them."""
+  return FinalSettings.from_config(config)
+
+
 @pytest.fixture(scope='module')
 def search_dir(tmp_path_factory) -> Path:
   return _fake_search(tmp_path_factory.mktemp('search'),
@@ -74,8 +85,8 @@ def finished(tmp_path_factory, search_dir):
   """One uninterrupted run: (workdir, returned summary, epochs reported to the callback)."""
   workdir = tmp_path_factory.mktemp('finished')
   epochs = []
-  summary = retrain.train_and_evaluate(_tiny_config(search_dir), workdir,
-                                       on_epoch_end=lambda e, m: epochs.append(e))
+  summary = final_lib.train_and_evaluate(_settings(_tiny_config(search_dir)), workdir,
+                                         on_epoch_end=lambda e, m: epochs.append(e))
   return workdir, summary, epochs
 
 
@@ -104,7 +115,7 @@ def _assert_trees_equal(a, b):
 def test_runs_end_to_end_and_writes_final_json(finished):
   workdir, summary, epochs = finished
   final = json.loads((workdir / 'final.json').read_text())
-  assert final == json.loads(json.dumps(summary))
+  assert final == json.loads(json.dumps(summary.to_dict()))
   assert epochs == [1, 2] and final['complete'] and final['resumed_from_epoch'] == 0
   assert final['epochs'] == EPOCHS and final['steps'] == EPOCHS * (NUM_TRAIN // BATCH)
   for key in ('test_accuracy', 'val_accuracy', 'final_train_accuracy'):
@@ -113,8 +124,7 @@ def test_runs_end_to_end_and_writes_final_json(finished):
   assert (final['num_train'], final['num_val']) == (NUM_TRAIN, 60)
   # The block came from the search's report, rank 1.
   assert final['block'] == SMALL and 'top_blocks.txt' in final['block_source']
-  spec = retrain.build_spec(nsc.Block.parse(SMALL), {'num_blocks': 1, 'features': 4},
-                            (8, 8, 1), 10)
+  spec = architecture.spec_for(nsc.Block.parse(SMALL), 'cifar', 1, 4, 10, (8, 8, 1))
   assert final['params'] == cost.network_params(spec)
   assert final['flops'] == cost.network_flops(spec) > 0
   assert final['wall_s'] >= final['train_s'] > 0
@@ -126,7 +136,7 @@ def test_tensorboard_has_the_scalars(finished):
   scalars = _scalars(workdir / 'tensorboard')
   for tag in ('train/loss', 'train/accuracy', 'train/learning_rate', 'val/accuracy'):
     assert [step for step, _ in scalars[tag]] == [1, 2], tag
-  assert scalars['test/final_accuracy'] == [(2, pytest.approx(summary['test_accuracy']))]
+  assert scalars['test/final_accuracy'] == [(2, pytest.approx(summary.test_accuracy))]
   lrs = [lr for _, lr in scalars['train/learning_rate']]
   assert lrs[0] > lrs[1] >= 0  # cosine decay after the 1-epoch warm-up
 
@@ -134,36 +144,38 @@ def test_tensorboard_has_the_scalars(finished):
 def test_interrupted_run_resumes_from_its_checkpoint(finished, search_dir, tmp_path):
   finished_dir, finished_summary, _ = finished
   config = _tiny_config(search_dir)
-  first = retrain.train_and_evaluate(config, tmp_path, max_epochs_this_run=1)
-  assert not first['complete'] and first['epochs'] == 1
+  first = final_lib.train_and_evaluate(_settings(config), tmp_path, max_epochs_this_run=1)
+  assert not first.complete and first.epochs == 1
   assert not (tmp_path / 'final.json').exists()
-  saved = retrain.restore_checkpoint(tmp_path)
+  saved = final_lib.restore_checkpoint(tmp_path)
   assert saved['epoch'] == 1 and int(saved['state']['step']) == NUM_TRAIN // BATCH
 
   epochs = []
-  second = retrain.train_and_evaluate(config, tmp_path, on_epoch_end=lambda e, m: epochs.append(e))
+  second = final_lib.train_and_evaluate(_settings(config), tmp_path,
+                                        on_epoch_end=lambda e, m: epochs.append(e))
   assert epochs == [2]  # only the missing epoch ran
-  assert second['complete'] and second['resumed_from_epoch'] == 1
+  assert second.complete and second.resumed_from_epoch == 1
   # Restored state and key equal the saved ones: 1 + 1 epochs end exactly where 2 did.
-  _assert_trees_equal(retrain.restore_checkpoint(tmp_path)['state'],
-                      retrain.restore_checkpoint(finished_dir)['state'])
-  assert second['test_accuracy'] == finished_summary['test_accuracy']
+  _assert_trees_equal(final_lib.restore_checkpoint(tmp_path)['state'],
+                      final_lib.restore_checkpoint(finished_dir)['state'])
+  assert second.test_accuracy == finished_summary.test_accuracy
   # A finished workdir trains nothing more: it only re-evaluates.
-  again = retrain.train_and_evaluate(config, tmp_path, on_epoch_end=lambda e, m: epochs.append(e))
-  assert epochs == [2] and again['test_accuracy'] == second['test_accuracy']
-  assert again['final_train_loss'] == second['final_train_loss']
+  again = final_lib.train_and_evaluate(_settings(config), tmp_path,
+                                       on_epoch_end=lambda e, m: epochs.append(e))
+  assert epochs == [2] and again.test_accuracy == second.test_accuracy
+  assert again.final_train_loss == second.final_train_loss
 
 
 def test_changed_config_on_a_workdir_is_refused(finished, search_dir, tmp_path):
   workdir = finished[0]
   config = _tiny_config(search_dir)
   config.train.learning_rate = 0.2
-  with pytest.raises(retrain.ConfigMismatch, match=r'train\.learning_rate.*allow_config_change'):
-    retrain.train_and_evaluate(config, workdir)
+  with pytest.raises(final_lib.ConfigMismatch, match=r'train\.learning_rate.*allow_config_change'):
+    final_lib.train_and_evaluate(_settings(config), workdir)
   # A search that moved on (another best block) is a different run too.
   moved = _fake_search(tmp_path / 'moved', lines=[f'1 0.95 {OTHER}'])
-  with pytest.raises(retrain.ConfigMismatch, match='block'):
-    retrain.train_and_evaluate(_tiny_config(moved), workdir)
+  with pytest.raises(final_lib.ConfigMismatch, match='block'):
+    final_lib.train_and_evaluate(_settings(_tiny_config(moved)), workdir)
   # Bookkeeping keys may change; allow_config_change accepts anything (on a copy of the record).
   copy = tmp_path / 'copy'
   copy.mkdir()
@@ -171,10 +183,10 @@ def test_changed_config_on_a_workdir_is_refused(finished, search_dir, tmp_path):
   block = nsc.Block.parse(SMALL)
   config = _tiny_config(search_dir)
   config.train.checkpoint_every_epochs = 1
-  retrain.check_workdir_config(copy, config, block)
+  final_lib.check_workdir_config(copy, _settings(config), block)
   config.train.learning_rate = 0.2
   config.allow_config_change = True
-  retrain.check_workdir_config(copy, config, block)
+  final_lib.check_workdir_config(copy, _settings(config), block)
   assert json.loads((copy / 'config.json').read_text())['config']['train']['learning_rate'] == 0.2
 
 
@@ -185,36 +197,56 @@ def test_block_from_report_or_database(tmp_path):
       '# best blocks', 'rank\treward\tnsc', f'1\t0.93\t{SMALL}', f'2\t0.92\t{SMALL}',
       f'3\t0.91\t{OTHER}'])
   config.search_workdir = str(report)
-  assert retrain.resolve_block(config)[0].to_text() == SMALL
+  assert final_lib.resolve_block(_settings(config))[0].to_text() == SMALL
   config.rank = 2  # the second *distinct* block
-  block, source = retrain.resolve_block(config)
+  block, source = final_lib.resolve_block(_settings(config))
   assert block.to_text() == OTHER and 'rank 2' in source
   config.rank = 3
-  with pytest.raises(retrain.BlockNotFound, match='2 distinct'):
-    retrain.resolve_block(config)
+  with pytest.raises(final_lib.BlockNotFound, match='2 distinct'):
+    final_lib.resolve_block(_settings(config))
 
   db = _fake_search(tmp_path / 'db', rows=[
       (OTHER, 'failed', 0.99), (SMALL, 'ok', 0.5), (OTHER, 'ok', 0.7), (SMALL, 'ok', None)])
   config.search_workdir, config.rank = str(db), 1
-  block, source = retrain.resolve_block(config)
+  block, source = final_lib.resolve_block(_settings(config))
   assert block.to_text() == OTHER and source.startswith(str(db / 'search.sqlite'))
   config.rank = 2
-  assert retrain.resolve_block(config)[0].to_text() == SMALL
+  assert final_lib.resolve_block(_settings(config))[0].to_text() == SMALL
 
   config.search_workdir = str(tmp_path / 'empty')
-  with pytest.raises(retrain.BlockNotFound, match='neither'):
-    retrain.resolve_block(config)
+  with pytest.raises(final_lib.BlockNotFound, match='neither'):
+    final_lib.resolve_block(_settings(config))
   config.block = SMALL  # both set: ambiguous
-  with pytest.raises(retrain.BlockNotFound, match='both'):
-    retrain.resolve_block(config)
+  with pytest.raises(final_lib.BlockNotFound, match='both'):
+    final_lib.resolve_block(_settings(config))
   config.search_workdir = ''
-  assert retrain.resolve_block(config) == (nsc.Block.parse(SMALL), 'config')
+  assert final_lib.resolve_block(_settings(config)) == (nsc.Block.parse(SMALL), 'config')
+
+
+def test_a_block_with_a_kernel_outside_the_default_space_is_retrained(tmp_path):
+  """A search run with ``--config.space.conv_kernels=1,3,5,7`` finds 7x7 convs; retraining
+  checks structure only, so it takes the block from the store and trains it."""
+  wide = '1,1,7,0,0 2,7,0,0,0'
+  with pytest.raises(nsc.NSCError):  # not in the default grammar's kernels (1, 3, 5)...
+    nsc.validate(nsc.Block.parse(wide), nsc.Grammar())
+  nsc.validate(nsc.Block.parse(wide), nsc.Grammar(conv_kernels=(1, 3, 5, 7)))  # ...in the search's
+  search = _fake_search(tmp_path / 'search', rows=[(SMALL, 'ok', 0.5), (wide, 'ok', 0.8)])
+  config = _tiny_config(search)
+  block, source = final_lib.resolve_block(_settings(config))
+  assert block.to_text() == wide and 'rank 1' in source
+  result = final_lib.train_and_evaluate(_settings(config), tmp_path / 'final',
+                                        max_epochs_this_run=1)
+  assert result.block == wide and result.epochs == 1 and not result.complete
+  spec = architecture.spec_for(block, 'cifar', 1, 4, 10, (8, 8, 1))
+  assert result.params == cost.network_params(spec)
+  saved = final_lib.restore_checkpoint(tmp_path / 'final')
+  assert saved['epoch'] == 1 and int(saved['state']['step']) == NUM_TRAIN // BATCH
 
 
 def test_the_cli_continues_an_interrupted_run(search_dir, tmp_path):
   """The entry point resumes what the library started (same config through the flags)."""
   config = _tiny_config(search_dir)
-  retrain.train_and_evaluate(config, tmp_path, max_epochs_this_run=1)
+  final_lib.train_and_evaluate(_settings(config), tmp_path, max_epochs_this_run=1)
   command = [sys.executable, '-m', 'experiments.train', '--config=configs/cifar_final.py:smoke',
              f'--workdir={tmp_path}', '--config.block=', f'--config.search_workdir={search_dir}',
              '--config.network.features=4', '--config.data.max_train=300',

@@ -18,7 +18,13 @@ from blockqnn_jax import canonical
 from blockqnn_jax import search as search_lib
 from blockqnn_jax import store as store_lib
 from blockqnn_jax.results import EvalResult
+from blockqnn_jax.settings import SearchSettings
 from configs import cifar
+
+
+def _search(config, workdir, executor, **kwargs):
+  """The search of a config file's ConfigDict, as the entry point runs it."""
+  return search_lib.run_search(SearchSettings.from_config(config), workdir, executor, **kwargs)
 
 
 def _config(iterations=((1.0, 3), (0.5, 2), (0.1, 2)), blocks=4, max_index=4):
@@ -64,7 +70,7 @@ def _rows(workdir):
 
 def test_search_records_every_candidate_and_never_trains_a_block_twice(tmp_path):
   executor = ScoringExecutor()
-  summary = search_lib.run_search(_config(), tmp_path, executor, progress=False)
+  summary = _search(_config(), tmp_path, executor, progress=False)
   assert summary.iterations_done == 7 and summary.candidates == 28
   assert len(executor.submitted) == len(set(executor.submitted)) == summary.trained
   assert summary.trained + summary.cached == 28
@@ -81,7 +87,7 @@ def test_search_records_every_candidate_and_never_trains_a_block_twice(tmp_path)
 def test_interrupted_search_resumes_exactly(tmp_path, stop_at):
   config = _config()
   reference = tmp_path / 'reference'
-  search_lib.run_search(config, reference, ScoringExecutor(), progress=False)
+  _search(config, reference, ScoringExecutor(), progress=False)
 
   def interrupt(iteration, position, result):
     if (iteration, position) == stop_at:
@@ -89,14 +95,14 @@ def test_interrupted_search_resumes_exactly(tmp_path, stop_at):
 
   interrupted = tmp_path / 'interrupted'
   with pytest.raises(KeyboardInterrupt):
-    search_lib.run_search(config, interrupted, ScoringExecutor(), progress=False,
+    _search(config, interrupted, ScoringExecutor(), progress=False,
                           on_recorded=interrupt)
   store = store_lib.ResultsStore(interrupted)
   finished = {c.canonical_key for c in store.candidates() if not c.cached}
   store.close()
   assert finished
   resumed = ScoringExecutor()
-  search_lib.run_search(config, interrupted, resumed, progress=False)
+  _search(config, interrupted, resumed, progress=False)
 
   rows, next_iteration, arrays = _rows(interrupted)
   ref_rows, ref_next, ref_arrays = _rows(reference)
@@ -108,18 +114,18 @@ def test_interrupted_search_resumes_exactly(tmp_path, stop_at):
 
 
 def test_changed_config_is_refused_unless_allowed(tmp_path):
-  search_lib.run_search(_config(), tmp_path, ScoringExecutor(), max_iterations=1,
+  _search(_config(), tmp_path, ScoringExecutor(), max_iterations=1,
                         progress=False)
   changed = _config()
   changed.agent.alpha = 0.5
   with pytest.raises(search_lib.ConfigMismatch, match='agent.alpha'):
-    search_lib.run_search(changed, tmp_path, ScoringExecutor(), progress=False)
-  summary = search_lib.run_search(changed, tmp_path, ScoringExecutor(), max_iterations=1,
+    _search(changed, tmp_path, ScoringExecutor(), progress=False)
+  summary = _search(changed, tmp_path, ScoringExecutor(), max_iterations=1,
                                   allow_config_change=True, progress=False)
   assert summary.iterations_done == 2
   moved = changed.copy_and_resolve_references()
   moved.executor.devices_per_candidate = 2  # how, not what: resumes without the flag
-  summary = search_lib.run_search(moved, tmp_path, ScoringExecutor(), max_iterations=1,
+  summary = _search(moved, tmp_path, ScoringExecutor(), max_iterations=1,
                                   progress=False)
   assert summary.iterations_done == 3
 
@@ -128,6 +134,7 @@ _KILLABLE = textwrap.dedent('''
     import concurrent.futures, hashlib, sys, time
     from blockqnn_jax import canonical, search
     from blockqnn_jax.results import EvalResult
+    from blockqnn_jax.settings import SearchSettings
     from configs import cifar
 
     class SlowExecutor:
@@ -146,7 +153,8 @@ _KILLABLE = textwrap.dedent('''
     config.space.max_index = 5
     config.search.blocks_per_iteration = 6
     config.search.epsilon_schedule = ((1.0, 6), (0.3, 6))
-    search.run_search(config, sys.argv[1], SlowExecutor(), progress=False)
+    search.run_search(SearchSettings.from_config(config), sys.argv[1], SlowExecutor(),
+                      progress=False)
 ''')
 
 
@@ -227,18 +235,60 @@ class ThreadedScoringExecutor(ScoringExecutor):
     return self.pool.submit(run)
 
 
+class _CollectedFuture(concurrent.futures.Future):
+  """A candidate's future that tells its executor when the search first reads the result."""
+
+  def __init__(self, executor):
+    super().__init__()
+    self.executor = executor
+    self.collected = False
+
+  def result(self, timeout=None):
+    value = super().result(timeout)
+    if not self.collected:
+      self.collected = True
+      self.executor.uncollected -= 1
+    return value
+
+
+class _AheadCountingExecutor(ThreadedScoringExecutor):
+  """ThreadedScoringExecutor that also counts, as each candidate is submitted, the candidates
+  the search has sent out and not yet read a result of: how far the search feeds the workers
+  ahead of what it has learned from.
+
+  The workers' own backlog (``max_outstanding``) depends on how fast they run against the
+  search's thread: under load they can finish one iteration before the search submits the
+  next, however far ahead it may sample. This count moves only on the search's own calls,
+  so it is the same on every run.
+  """
+
+  def __init__(self, jitter):
+    super().__init__(jitter)
+    self.uncollected = self.max_uncollected = 0
+
+  def submit(self, block, seed=0):
+    training = super().submit(block, seed)
+    handed = _CollectedFuture(self)
+    training.add_done_callback(lambda done: handed.set_result(done.result()))
+    self.uncollected += 1
+    self.max_uncollected = max(self.max_uncollected, self.uncollected)
+    return handed
+
+
 @pytest.mark.parametrize('staleness', [0, 2])
 def test_asynchronous_search_samples_the_same_blocks_whatever_the_timing(tmp_path, staleness):
   config = _config(iterations=((1.0, 3), (0.5, 3), (0.1, 3)), blocks=6, max_index=5)
   config.search.max_staleness = staleness
   runs = []
-  for jitter in (1, 2):
-    executor = ThreadedScoringExecutor(jitter)
-    search_lib.run_search(config, tmp_path / f'run{jitter}', executor, progress=False)
+  for jitter in (1, 2):  # two timings: the workers finish the candidates in other orders
+    executor = _AheadCountingExecutor(jitter)
+    _search(config, tmp_path / f'run{jitter}', executor, progress=False)
     runs.append(_rows(tmp_path / f'run{jitter}'))
     # Strict iterations never have more than one iteration's blocks out; S > 0 feeds the
-    # workers the next iterations' blocks while the current one finishes.
-    assert (executor.max_outstanding > 6) == (staleness > 0)
+    # workers the next iterations' blocks before it has the current one's results.
+    assert (executor.max_uncollected > 6) == (staleness > 0)
+    if staleness == 0:
+      assert executor.max_outstanding <= 6  # holds however fast the workers run
     assert len(executor.submitted) == len(set(executor.submitted))  # nothing twice
   (rows, next_iteration, arrays), (rows2, _, arrays2) = runs
   assert rows == rows2 and next_iteration == 9 and len(rows) == 54
@@ -248,7 +298,7 @@ def test_asynchronous_search_samples_the_same_blocks_whatever_the_timing(tmp_pat
 def test_asynchronous_search_resumes_exactly(tmp_path):
   config = _config(iterations=((1.0, 3), (0.5, 3), (0.1, 3)), blocks=6, max_index=5)
   config.search.max_staleness = 2
-  search_lib.run_search(config, tmp_path / 'reference', ThreadedScoringExecutor(),
+  _search(config, tmp_path / 'reference', ThreadedScoringExecutor(),
                         progress=False)
   seen = []
 
@@ -258,12 +308,12 @@ def test_asynchronous_search_resumes_exactly(tmp_path):
       raise KeyboardInterrupt
   interrupted = tmp_path / 'interrupted'
   with pytest.raises(KeyboardInterrupt):
-    search_lib.run_search(config, interrupted, ThreadedScoringExecutor(3), progress=False,
+    _search(config, interrupted, ThreadedScoringExecutor(3), progress=False,
                           on_recorded=interrupt)
   # Split the rest over calls too: the sampled-ahead iterations are kept for the next call.
-  search_lib.run_search(config, interrupted, ThreadedScoringExecutor(4), max_iterations=2,
+  _search(config, interrupted, ThreadedScoringExecutor(4), max_iterations=2,
                         progress=False)
-  search_lib.run_search(config, interrupted, ThreadedScoringExecutor(5), progress=False)
+  _search(config, interrupted, ThreadedScoringExecutor(5), progress=False)
   rows, next_iteration, arrays = _rows(interrupted)
   ref_rows, _, ref_arrays = _rows(tmp_path / 'reference')
   assert rows == ref_rows and next_iteration == 9
@@ -273,15 +323,15 @@ def test_asynchronous_search_resumes_exactly(tmp_path):
 def test_workdir_from_before_a_config_field_existed_resumes(tmp_path):
   """A stored config without a later-added field ran with its default: not a change."""
   config = _config()
-  search_lib.run_search(config, tmp_path, ScoringExecutor(), max_iterations=1, progress=False)
+  _search(config, tmp_path, ScoringExecutor(), max_iterations=1, progress=False)
   store = store_lib.ResultsStore(tmp_path)
   old = json.loads(store.get_meta('config'))
   del old['search']['max_staleness'], old['train']['loop']
   store.set_meta('config', json.dumps(old))
   store.close()
-  summary = search_lib.run_search(config, tmp_path, ScoringExecutor(), max_iterations=1,
+  summary = _search(config, tmp_path, ScoringExecutor(), max_iterations=1,
                                   progress=False)
   assert summary.iterations_done == 2
   config.search.max_staleness = 1  # but a value other than the default is a change
   with pytest.raises(search_lib.ConfigMismatch, match='search.max_staleness'):
-    search_lib.run_search(config, tmp_path, ScoringExecutor(), progress=False)
+    _search(config, tmp_path, ScoringExecutor(), progress=False)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from blockqnn_jax import data as data_lib
-from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import architecture
+from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax import streaming
-from blockqnn_jax import train as train_lib
+from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.training import streamed as streaming
 
 SMALL = nsc.parse('1,1,3,0,0 2,7,0,0,0')
 
@@ -52,9 +52,9 @@ def _config(**train):
 
 
 def _trainer(stream, config, devices=None):
-  return streaming.StreamingTrainer(stream, devices or jax.local_devices()[:1],
-                                    train_lib.TrainConfig(**config.train),
-                                    results.RewardConfig(**config.reward), config.network)
+  s = SearchSettings.from_config(config)
+  return streaming.StreamingTrainer(stream, devices or jax.local_devices()[:1], s.train,
+                                    s.reward, s.network)
 
 
 def test_validation_is_held_out_of_the_training_split(stream, tmp_path):
@@ -80,7 +80,7 @@ def test_a_block_trains_on_streamed_batches(stream):
   # It learned: three classes start at a loss of ln 3 = 1.10.
   assert result.final_loss < 0.9 and result.val_accuracy > 0.5, result
   assert result.images_per_s > 0 and result.compile_s > 0 and result.train_s > 0
-  spec = train_lib.build_spec(SMALL, config.network, (16, 16, 3), 3)
+  spec = architecture.spec_for(SMALL, 'cifar', 1, 8, 3, (16, 16, 3))
   from blockqnn_jax import cost
   assert result.params == cost.network_params(spec)
 
@@ -96,7 +96,8 @@ def test_divergence_in_a_stream_is_a_failed_result(stream):
 def test_executor_streams_to_each_group_and_data_parallel(stream):
   config = _config(epochs=1)
   blocks = [SMALL, nsc.parse('1,1,1,0,0 2,4,0,0,0 3,5,0,1,2 4,7,0,0,0')]
-  with executor_lib.LocalExecutor(stream, config, jax.local_devices()[:2]) as executor:
+  with local_executor.LocalExecutor(stream, SearchSettings.from_config(config),
+                                    jax.local_devices()[:2]) as executor:
     results = executor.map(blocks, seeds=[0, 1])
   assert all(r.ok for r in results), [r.failure_reason for r in results]
   one = _trainer(stream, config).evaluate(SMALL, seed=5)

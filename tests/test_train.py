@@ -7,12 +7,15 @@ import ml_collections
 import numpy as np
 import pytest
 
+from blockqnn_jax import architecture
 from blockqnn_jax import cost
 from blockqnn_jax import data as data_lib
-from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
+from blockqnn_jax import prepare
 from blockqnn_jax import results
-from blockqnn_jax import train as train_lib
+from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.training import candidate as candidate_lib
 
 RESIDUAL = nsc.RESIDUAL_BLOCK
 SMALL = nsc.parse('1,1,3,0,0 2,7,0,0,0')
@@ -46,6 +49,17 @@ def _config(**train):
   return config
 
 
+def _evaluate(block, config, splits, **kwargs):
+  """Scores one block under a ConfigDict's train, reward and network sections."""
+  s = SearchSettings.from_config(config)
+  return candidate_lib.evaluate(block, s.train, s.reward, s.network, splits, **kwargs)
+
+
+def _executor(splits, config, devices, **kwargs):
+  return local_executor.LocalExecutor(splits, SearchSettings.from_config(config), devices,
+                                      **kwargs)
+
+
 @pytest.fixture(scope='module')
 def splits():
   return _easy_splits()
@@ -53,20 +67,20 @@ def splits():
 
 @pytest.fixture(scope='module')
 def trainer(splits):
-  config = _config()
-  group = train_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
-  return train_lib.CandidateTrainer(group, train_lib.TrainConfig(**config.train),
-                                    results.RewardConfig(**config.reward), config.network)
+  s = SearchSettings.from_config(_config())
+  group = candidate_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
+  return candidate_lib.CandidateTrainer(group, s.train, s.reward, s.network)
 
 
 def test_evaluate_reports_everything(trainer):
   result = trainer.evaluate(RESIDUAL)
   assert result.ok, result.failure_reason
   assert 0.0 <= result.val_accuracy <= 1.0
-  spec = train_lib.build_spec(RESIDUAL, trainer.network_config)
+  spec = architecture.cifar_spec(RESIDUAL, num_blocks=1, features=4, num_classes=2,
+                                image_size=8)
   assert result.params == cost.network_params(spec)
   assert result.density == pytest.approx(RESIDUAL.density())
-  flops, reference = train_lib.block_cost_terms(RESIDUAL, spec)
+  flops, reference = prepare.reward_cost_terms(RESIDUAL, spec)
   assert result.flops == flops
   # Residual block at F=4, 8x8: two 3x3 convs 4->4 = 2 * (2*9*4*4*64) = 2 * reference.
   assert flops == 2 * reference
@@ -104,7 +118,7 @@ def test_invalid_block_is_a_failed_result(trainer):
 
 def test_divergence_is_a_failed_result(splits):
   # Adam steps of 1e30 overflow float32 within the first epoch.
-  result = train_lib.evaluate(SMALL, _config(learning_rate=1e30, epochs=1), splits)
+  result = _evaluate(SMALL, _config(learning_rate=1e30, epochs=1), splits)
   assert result.status == 'failed', result
   assert result.failure_reason.startswith('diverged: training loss is nan in epoch 1')
 
@@ -129,7 +143,7 @@ def test_eight_candidates_on_eight_devices(splits):
             ((4, 0), (2, 1), (2, 3), (3, 1), (3, 3))]
   blocks += [nsc.parse('1,4,0,0,0 2,4,0,1,0 3,7,0,0,0'), nsc.parse('1,4,0,0,0 2,5,0,0,1 3,7,0,0,0'),
              nsc.parse('1,4,0,0,0 2,6,0,0,1 3,7,0,0,0')]
-  with executor_lib.LocalExecutor(splits, _config(epochs=1), devices) as executor:
+  with _executor(splits, _config(epochs=1), devices) as executor:
     assert executor.num_workers == 8
     futures = [executor.submit(b, seed=i) for i, b in enumerate(blocks)]
     results = [f.result() for f in futures]
@@ -141,8 +155,8 @@ def test_eight_candidates_on_eight_devices(splits):
 
 def test_executor_answers_even_what_it_cannot_evaluate(splits):
   """Not a block at all: a failed result, and the worker thread stays alive for the next."""
-  with executor_lib.LocalExecutor(splits, _config(epochs=1), jax.local_devices()[:1],
-                                  compile_ahead=False) as executor:
+  with _executor(splits, _config(epochs=1), jax.local_devices()[:1],
+                 compile_ahead=False) as executor:
     bad = executor.submit('1,1,3,0,0 2,7,0,0,0').result(timeout=60)
     assert bad.status == 'failed' and 'AttributeError' in bad.failure_reason
     assert executor.submit(SMALL).result(timeout=300).ok
@@ -150,7 +164,7 @@ def test_executor_answers_even_what_it_cannot_evaluate(splits):
 
 def test_data_parallel_matches_single_device(splits, trainer):
   one = trainer.evaluate(RESIDUAL)
-  four = train_lib.evaluate(RESIDUAL, _config(), splits, devices=jax.local_devices()[:4])
+  four = _evaluate(RESIDUAL, _config(), splits, devices=jax.local_devices()[:4])
   assert one.ok and four.ok
   assert four.device == 'cpu:0,cpu:1,cpu:2,cpu:3'
   np.testing.assert_allclose(four.final_loss, one.final_loss, rtol=2e-3)
@@ -159,10 +173,10 @@ def test_data_parallel_matches_single_device(splits, trainer):
 
 def test_persistent_compilation_cache(trainer, tmp_path):
   """A second compile of the same candidate, with a cold in-memory cache, reads the disk."""
-  train_lib.enable_persistent_compilation_cache(tmp_path)
+  candidate_lib.enable_persistent_compilation_cache(tmp_path)
   try:
-    fresh = lambda: train_lib.CandidateTrainer(trainer.group, trainer.train_config,
-                                               trainer.reward_config, trainer.network_config)
+    fresh = lambda: candidate_lib.CandidateTrainer(trainer.group, trainer.train_config,
+                                                   trainer.reward_config, trainer.network)
     fresh().compile(SMALL)
     written = set(p.name for p in tmp_path.iterdir())
     assert any(name.startswith('jit_step') for name in written)  # loop 'steps' on CPU
@@ -170,25 +184,25 @@ def test_persistent_compilation_cache(trainer, tmp_path):
     assert not cached_in_memory
     assert set(p.name for p in tmp_path.iterdir()) == written  # nothing compiled anew
   finally:
-    train_lib.enable_persistent_compilation_cache(None)
+    candidate_lib.enable_persistent_compilation_cache(None)
 
 
 @pytest.mark.parametrize('augment', [False, True])
 def test_stepwise_loop_trains_what_the_scanned_program_trains(splits, augment):
   """'steps' (CPU's default) and 'scan' (GPU/TPU's): same batches, keys and updates."""
-  scan = train_lib.evaluate(RESIDUAL, _config(loop='scan', augment=augment), splits, seed=3)
-  steps = train_lib.evaluate(RESIDUAL, _config(loop='steps', augment=augment), splits, seed=3)
+  scan = _evaluate(RESIDUAL, _config(loop='scan', augment=augment), splits, seed=3)
+  steps = _evaluate(RESIDUAL, _config(loop='steps', augment=augment), splits, seed=3)
   assert scan.ok and steps.ok
   np.testing.assert_allclose(steps.final_loss, scan.final_loss, rtol=1e-3)
   assert abs(steps.val_accuracy - scan.val_accuracy) <= 1 / 48  # at most one image differs
-  other_seed = train_lib.evaluate(RESIDUAL, _config(loop='steps', augment=augment), splits,
+  other_seed = _evaluate(RESIDUAL, _config(loop='steps', augment=augment), splits,
                                   seed=4)
   assert other_seed.final_loss != steps.final_loss  # the seed does reach the steps
 
 
 def test_bfloat16_compute_path_runs_on_cpu(splits):
   """The GPU/TPU precision (bf16 activations, fp32 parameters), exercised here on CPU."""
-  result = train_lib.evaluate(SMALL, _config(compute_dtype='bfloat16', epochs=2), splits)
+  result = _evaluate(SMALL, _config(compute_dtype='bfloat16', epochs=2), splits)
   assert result.ok and np.isfinite(result.final_loss), result
 
 
@@ -198,6 +212,6 @@ def test_real_cifar10_pixels_end_to_end(shared_data):
   config = _config(epochs=1, batch_size=100, augment=True, eval_batch_size=100)
   config.network.num_classes = 10
   config.network.image_size = 32
-  result = train_lib.evaluate(SMALL, config, splits)
+  result = _evaluate(SMALL, config, splits)
   assert result.ok, result.failure_reason
   assert 0.0 <= result.val_accuracy <= 1.0 and result.params > 0

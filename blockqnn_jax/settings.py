@@ -1,0 +1,466 @@
+"""Typed settings of a search, built once from its config at the program's edge.
+
+A config file (``configs/cifar.py``) is an ``ml_collections.ConfigDict`` with one section per
+dataclass here; ``SearchSettings.from_config(config)`` turns it into frozen dataclasses, and
+nothing below the entry points reads a ConfigDict. Every default lives here, in the
+dataclass: a field a config (or a workdir stored by an older version) does not set takes
+its default, and a field the dataclass does not know is refused by name. Ranges are checked
+on construction, so a bad value fails before anything is stored or trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+from blockqnn_jax import nsc
+from blockqnn_jax import qlearning as ql
+from blockqnn_jax.results import RewardConfig
+
+COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
+TRAIN_LOOPS = ('auto', 'scan', 'steps')
+PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
+EXECUTOR_KINDS = ('local', 'ray')
+
+
+class SettingsError(ValueError):
+  """A config field is unknown, of the wrong type, or out of range."""
+
+
+def _check(condition: bool, field: str, message: str, value: Any) -> None:
+  if not condition:
+    raise SettingsError(f'{field} {message}, got {value!r}')
+
+
+def _one_of(value: Any, choices: tuple[str, ...], field: str) -> None:
+  _check(value in choices, field, f'must be one of {", ".join(map(repr, choices))}', value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How a candidate is trained (paper defaults: 12 epochs of Adam, lr 1e-3 × 0.2 every 5).
+
+  Attributes:
+    epochs: training epochs (early stop).
+    batch_size: global batch size (split over the candidate's devices).
+    learning_rate: Adam's initial learning rate.
+    lr_decay: factor applied every ``lr_decay_epochs`` epochs.
+    lr_decay_epochs: epochs between decays.
+    b1, b2: Adam's betas.
+    weight_decay: decoupled weight decay (AdamW); 0 is plain Adam as in the paper.
+    compute_dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16'.
+      Parameters and optimiser state stay float32.
+    augment: pad-4 random crop and horizontal flip inside the step.
+    eval_batch_size: batch size of the validation pass.
+    prng_impl: the PRNG of a candidate's initialisation, shuffling and augmentation. 'rbg'
+      (XLA's RngBitGenerator) compiles in a fraction of threefry's time — threefry's
+      unrolled hash was over half of a small candidate's compile time on CPU — at the cost
+      of bit streams that differ between backends.
+    loop: how the training steps run. 'scan': the whole training (all epochs) is one XLA
+      program, a ``lax.scan`` over steps; 'steps': one compiled step per batch driven from
+      Python (same keys, same batches, same updates); 'auto': 'steps' on CPU, where XLA runs
+      a scanned body 9-20x slower than the same step dispatched alone (benchmarks/
+      evaluate.py), 'scan' on GPU/TPU.
+  """
+
+  epochs: int = 12
+  batch_size: int = 256
+  learning_rate: float = 1e-3
+  lr_decay: float = 0.2
+  lr_decay_epochs: int = 5
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.0
+  compute_dtype: str = 'auto'
+  augment: bool = True
+  eval_batch_size: int = 1000
+  prng_impl: str = 'rbg'
+  loop: str = 'auto'
+
+  def __post_init__(self):
+    for name in ('epochs', 'batch_size', 'lr_decay_epochs', 'eval_batch_size'):
+      _check(int(getattr(self, name)) >= 1, f'train.{name}', 'must be >= 1',
+             getattr(self, name))
+    _check(self.learning_rate > 0, 'train.learning_rate', 'must be > 0', self.learning_rate)
+    _check(self.lr_decay > 0, 'train.lr_decay', 'must be > 0', self.lr_decay)
+    _check(self.weight_decay >= 0, 'train.weight_decay', 'must be >= 0', self.weight_decay)
+    _one_of(self.compute_dtype, COMPUTE_DTYPES, 'train.compute_dtype')
+    _one_of(self.loop, TRAIN_LOOPS, 'train.loop')
+    _one_of(self.prng_impl, PRNG_IMPLS, 'train.prng_impl')
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSettings:
+  """The network a block is stacked into (``architecture.spec_for``).
+
+  Attributes:
+    kind: 'cifar' (stride-1 stem, stages at F, 2F, 4F) or 'imagenet' (stride-2 stem and
+      pooling, stages at F, 2F, 4F, 8F).
+    num_blocks: N, blocks per stage. N = 2 for the search network is [reconstructed].
+    features: F, the first stage's width.
+    num_classes: classifier outputs when the data does not say (it usually does).
+    image_size: image side when the data does not say (streamed data is resized to it).
+    scan_blocks: blocks 2..N of a stage as one scanned body (fewer ops to compile).
+  """
+
+  kind: str = 'cifar'
+  num_blocks: int = 2
+  features: int = 32
+  num_classes: int = 100
+  image_size: int = 32
+  scan_blocks: bool = False
+
+  def __post_init__(self):
+    _one_of(self.kind, ('cifar', 'imagenet'), 'network.kind')
+    for name in ('num_blocks', 'features', 'num_classes', 'image_size'):
+      _check(int(getattr(self, name)) >= 1, f'network.{name}', 'must be >= 1',
+             getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """Where the images come from (``data.load_splits``, or streamed).
+
+  Attributes:
+    source: 'tfds', 'cifar_batches', 'npz', 'image_folder' or 'digits'.
+    name: the TFDS name; for other sources a label.
+    path: TFDS data_dir, or the file / folder the source reads.
+    validation_size: held out of the training split for the reward (a count >= 1, or a
+      fraction in (0, 1)); the test split is never used by the search.
+    max_train: train on at most this many images (0 = all).
+    stream: decode batches on host threads instead of holding the data on the device
+      (ImageNet-sized data).
+    decode_threads: host threads decoding streamed images.
+    download: let TFDS download a dataset it does not find.
+  """
+
+  source: str = 'tfds'
+  name: str = 'cifar100'
+  path: str = ''
+  validation_size: float = 5000
+  max_train: int = 0
+  stream: bool = False
+  decode_threads: int = 8
+  download: bool = False
+
+  def __post_init__(self):
+    _one_of(self.source, ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits'),
+            'data.source')
+    _check(self.validation_size > 0, 'data.validation_size',
+           'must be > 0 (the reward is measured on it)', self.validation_size)
+    _check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
+    _check(self.decode_threads >= 1, 'data.decode_threads', 'must be >= 1',
+           self.decode_threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """The search loop: how many blocks, at which ε, how asynchronously.
+
+  Attributes:
+    blocks_per_iteration: blocks sampled (and learned from) per iteration.
+    epsilon_schedule: ``((ε, iterations), ...)``; BlockQNN's 178 iterations of 64 blocks.
+    max_staleness: S; iteration j may be sampled once iteration j - S - 1 is learned, so
+      workers are not idle while an iteration's slowest candidate finishes; 0 = the paper's
+      strict iterations.
+    failed_reward: the reward the agent learns for a failed candidate.
+    stop_after_failures: stop the search (with the reason, non-zero exit) when this many
+      candidates in a row failed for the same reason that is not a fact about the block
+      (out of memory, an error, a lost worker: see ``results.PERMANENT_FAILURES``), instead
+      of teaching the agent reward 0 for hours; 0 never stops.
+  """
+
+  blocks_per_iteration: int = 64
+  epsilon_schedule: tuple[tuple[float, int], ...] = ql.PAPER_EPSILON_SCHEDULE
+  max_staleness: int = 0
+  failed_reward: float = 0.0
+  stop_after_failures: int = 10
+
+  def __post_init__(self):
+    schedule = tuple((float(e), int(n)) for e, n in self.epsilon_schedule)
+    object.__setattr__(self, 'epsilon_schedule', schedule)
+    _check(self.blocks_per_iteration >= 1, 'search.blocks_per_iteration', 'must be >= 1',
+           self.blocks_per_iteration)
+    _check(self.max_staleness >= 0, 'search.max_staleness', 'must be >= 0',
+           self.max_staleness)
+    _check(self.stop_after_failures >= 0, 'search.stop_after_failures', 'must be >= 0',
+           self.stop_after_failures)
+    _check(bool(schedule), 'search.epsilon_schedule', 'must not be empty', schedule)
+    for e, n in schedule:
+      _check(0.0 <= e <= 1.0, 'search.epsilon_schedule', 'needs every ε in [0, 1]', schedule)
+      _check(n >= 1, 'search.epsilon_schedule', 'needs every phase >= 1 iteration', schedule)
+
+  @property
+  def schedule(self) -> ql.EpsilonSchedule:
+    return ql.EpsilonSchedule(self.epsilon_schedule)
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySettings:
+  """Worker actors of a Ray cluster (``ray_executor.RayExecutor``).
+
+  Attributes:
+    address: '' starts Ray on this machine; 'auto' joins ``ray start``'s cluster.
+    num_workers: 0 = one per GPU (or per ``cpus_per_worker`` CPUs), growing with nodes.
+    cpus_per_worker: Ray CPUs of one worker.
+    gpus_per_worker: -1 = 1 when the cluster has GPUs, else 0; 0.5 shares one GPU by two.
+    max_attempts: a candidate whose worker dies is retried up to this many times.
+    jobs_per_worker: candidates handed to a worker at once (one training, one compiling).
+    cpu_devices_per_worker: CPU-only workers get this many fake devices each.
+  """
+
+  address: str = ''
+  num_workers: int = 0
+  cpus_per_worker: float = 1.0
+  gpus_per_worker: float = -1.0
+  max_attempts: int = 3
+  jobs_per_worker: int = 2
+  cpu_devices_per_worker: int = 1
+
+  def __post_init__(self):
+    _check(self.num_workers >= 0, 'executor.ray.num_workers', 'must be >= 0',
+           self.num_workers)
+    _check(self.max_attempts >= 1, 'executor.ray.max_attempts', 'must be >= 1',
+           self.max_attempts)
+    _check(self.jobs_per_worker >= 1, 'executor.ray.jobs_per_worker', 'must be >= 1',
+           self.jobs_per_worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutorSettings:
+  """Where candidates train. Changing it never changes what is searched, so a search may
+  resume elsewhere.
+
+  Attributes:
+    kind: 'local' (this machine's devices) or 'ray' (worker actors of a Ray cluster).
+    devices_per_candidate: > 1 trains each candidate data-parallel over a device group.
+    compile_ahead: compile a group's next candidate while it trains the current one.
+    ray: the Ray executor's settings.
+  """
+
+  kind: str = 'local'
+  devices_per_candidate: int = 1
+  compile_ahead: bool = True
+  ray: RaySettings = RaySettings()
+
+  def __post_init__(self):
+    _one_of(self.kind, EXECUTOR_KINDS, 'executor.kind')
+    _check(self.devices_per_candidate >= 1, 'executor.devices_per_candidate', 'must be >= 1',
+           self.devices_per_candidate)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+  """Everything a search is: one frozen value per config section."""
+
+  seed: int = 0
+  space: nsc.Grammar = nsc.Grammar()
+  agent: ql.QLearningConfig = ql.QLearningConfig()
+  search: LoopSettings = LoopSettings()
+  network: NetworkSettings = NetworkSettings()
+  data: DataSettings = DataSettings()
+  train: TrainConfig = TrainConfig()
+  reward: RewardConfig = RewardConfig()
+  executor: ExecutorSettings = ExecutorSettings()
+  preset: str = ''
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'SearchSettings':
+    """From a ConfigDict (or nested dict / JSON text); raises ``SettingsError``."""
+    if isinstance(config, str):
+      config = json.loads(config)
+    return build(cls, _as_dict(config), '')
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+  if hasattr(config, 'to_dict'):
+    return config.to_dict()
+  return dict(config)
+
+
+def _tupled(value: Any) -> Any:
+  """Lists (as JSON and ConfigDicts give them) become tuples, as the dataclasses hold them."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_tupled(v) for v in value)
+  return value
+
+
+def build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+  """``cls`` from a mapping: nested dataclass fields from nested mappings, defaults for what
+  is missing, ``SettingsError`` naming a field the dataclass does not know."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise SettingsError(f'unknown config field{"s" if len(unknown) > 1 else ""} '
+                        f'{", ".join(prefix + k for k in unknown)} (known: '
+                        f'{", ".join(sorted(fields))})')
+  kwargs = {}
+  for name, value in values.items():
+    default = fields[name].default
+    if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+      kwargs[name] = build(type(default), value, f'{prefix}{name}.')
+    else:
+      kwargs[name] = _tupled(value)
+  try:
+    return cls(**kwargs)
+  except SettingsError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise SettingsError(f'{prefix.rstrip(".") or cls.__name__}: {e}') from None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Dotted keys of a nested mapping."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def differences(old: SearchSettings, new: SearchSettings, *,
+                ignore: tuple[str, ...] = ()) -> list[str]:
+  """Dotted fields whose values differ, except those starting with a prefix in ``ignore``."""
+  a, b = flatten(old.to_dict()), flatten(new.to_dict())
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and not k.startswith(ignore))
+
+
+# -- the final retraining (``training.final``) -----------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalTrainConfig:
+  """How the final network is trained (``training.final``). Hashable: its compiled programs
+  are cached by it.
+
+  Attributes:
+    epochs: passes over the training split.
+    batch_size: images per step; each epoch runs ``N_train // batch_size`` steps over a fresh
+      permutation (the remainder is dropped, a different one each epoch).
+    learning_rate: peak learning rate of SGD.
+    warmup_epochs: linear warm-up from 0 to ``learning_rate`` (fractions allowed), then cosine
+      decay to 0 at the last step.
+    momentum: SGD momentum.
+    nesterov: Nesterov momentum.
+    weight_decay: L2 penalty coefficient on conv and dense kernels (not BatchNorm, not biases),
+      added to the gradient before momentum.
+    label_smoothing: mass spread uniformly over the classes (0: plain cross-entropy).
+    augment: random crop (reflect padding) and horizontal flip of every training batch.
+    crop_padding: padding in pixels of the random crop.
+    compute_dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU), 'float32' or 'bfloat16';
+      parameters, optimiser state, head and loss stay float32.
+    prng_impl: PRNG of initialisation, shuffling and augmentation ('rbg' compiles far faster
+      than 'threefry2x32' on CPU, see ``TrainConfig.prng_impl``).
+    eval_batch_size: images per evaluation batch.
+    eval_every_epochs: validation accuracy every this many epochs (if a validation split
+      exists).
+    checkpoint_every_epochs: a checkpoint every this many epochs (and at the end of a run).
+  """
+
+  epochs: int = 300
+  batch_size: int = 128
+  learning_rate: float = 0.1
+  warmup_epochs: float = 5.0
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 5e-4
+  label_smoothing: float = 0.0
+  augment: bool = True
+  crop_padding: int = 4
+  compute_dtype: str = 'auto'
+  prng_impl: str = 'rbg'
+  eval_batch_size: int = 1000
+  eval_every_epochs: int = 1
+  checkpoint_every_epochs: int = 5
+
+  def __post_init__(self):
+    for name in ('epochs', 'batch_size', 'eval_batch_size', 'eval_every_epochs',
+                 'checkpoint_every_epochs'):
+      _check(int(getattr(self, name)) >= 1, f'train.{name}', 'must be positive',
+             getattr(self, name))
+    _check(0 <= self.warmup_epochs < self.epochs, 'train.warmup_epochs',
+           f'must be in [0, epochs={self.epochs})', self.warmup_epochs)
+    _check(0 <= self.label_smoothing < 1, 'train.label_smoothing', 'must be in [0, 1)',
+           self.label_smoothing)
+    _one_of(self.compute_dtype, COMPUTE_DTYPES, 'train.compute_dtype')
+    _one_of(self.prng_impl, PRNG_IMPLS, 'train.prng_impl')
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalNetworkSettings(NetworkSettings):
+  """The final network: the search's network stacked deeper (N = 4 per stage).
+
+  ``num_classes`` and ``image_size`` are unused: the data always says them here.
+  """
+
+  num_blocks: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalDataSettings(DataSettings):
+  """The final network's data: by default all of CIFAR-10's training split, no hold-out.
+
+  Unlike a search, retraining needs no validation split (0: none; the test split gives the
+  final number), and holds its data in memory (``stream`` must stay off; ``decode_threads``
+  is unused).
+  """
+
+  name: str = 'cifar10'
+  validation_size: float = 0
+
+  def __post_init__(self):
+    # Not DataSettings' checks: those refuse validation_size 0, which is the default here.
+    _one_of(self.source, ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits'),
+            'data.source')
+    _check(self.validation_size >= 0, 'data.validation_size', 'must be >= 0 (0 = none)',
+           self.validation_size)
+    _check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
+    _check(not self.stream, 'data.stream',
+           'must be off: the final network trains on data held in memory', self.stream)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalSettings:
+  """Everything a final retraining is (``configs/cifar_final.py``), one value per section.
+
+  Attributes:
+    seed: seeds initialisation, shuffling, augmentation and the validation hold-out.
+    block: NSC text of the block to retrain ('' to take it from ``search_workdir``).
+    search_workdir: a search's workdir whose ``rank``-th best distinct block is retrained.
+    rank: 1 = the best block.
+    allow_config_change: continue a workdir whose stored settings differ.
+    network: the network the block is stacked into.
+    data: the images.
+    train: the training schedule.
+    preset: the config preset's name (a label).
+  """
+
+  seed: int = 0
+  block: str = ''
+  search_workdir: str = ''
+  rank: int = 1
+  allow_config_change: bool = False
+  network: FinalNetworkSettings = FinalNetworkSettings()
+  data: FinalDataSettings = FinalDataSettings()
+  train: FinalTrainConfig = FinalTrainConfig()
+  preset: str = ''
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'FinalSettings':
+    """From a ConfigDict (or nested dict / JSON text); raises ``SettingsError``."""
+    if isinstance(config, str):
+      config = json.loads(config)
+    return build(cls, _as_dict(config), '')
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)

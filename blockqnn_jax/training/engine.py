@@ -1,0 +1,277 @@
+"""The one training engine: train state, train step, epoch loop, padded evaluation.
+
+Everything that trains a network here — a search candidate held on the device, a streamed
+candidate, the final retraining — calls these functions; they differ only in what they plug
+in (the optimiser and its schedule, how the epoch keys are drawn, how batches arrive).
+All functions are pure and jittable; the model and optimiser are closed over or passed as
+static arguments by the caller.
+
+Images are uint8 ``(B, H, W, C)`` on the device; each step augments (or only normalises) its
+batch in place, so no input pipeline runs on the host. The epoch's batch order and per-step
+keys come from one epoch key (``epoch_plan``), which is what makes the scanned epoch and the
+per-step loop train the same network, and a resumed run draw what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from blockqnn_jax import data as data_lib
+
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def resolve_dtype(compute_dtype: str, platform: str) -> Any:
+  """The computation dtype: 'auto' is bfloat16 off CPU, float32 on CPU."""
+  if compute_dtype == 'auto':
+    return jnp.float32 if platform == 'cpu' else jnp.bfloat16
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got "
+                     f'{compute_dtype!r}')
+  return COMPUTE_DTYPES[compute_dtype]
+
+
+def resolve_loop(loop: str, platform: str) -> str:
+  """'auto' is 'steps' on CPU (XLA:CPU runs a scanned step 9-20x slower than the same step
+  dispatched alone, benchmarks/evaluate.py) and 'scan' on GPU/TPU."""
+  if loop == 'auto':
+    return 'steps' if platform == 'cpu' else 'scan'
+  if loop not in ('scan', 'steps'):
+    raise ValueError(f"train.loop must be 'auto', 'scan' or 'steps', got {loop!r}")
+  return loop
+
+
+def steps_per_epoch(batch_size: int, num_train: int) -> int:
+  """Full batches per epoch (the remainder is left out of that epoch's shuffle)."""
+  steps = num_train // batch_size
+  if steps == 0:
+    raise ValueError(f'batch_size {batch_size} exceeds the {num_train} training images')
+  return steps
+
+
+# -- the optimiser ---------------------------------------------------------------------------
+
+
+def kernels_only(params: Any) -> Any:
+  """A mask of the conv and dense kernels (not BatchNorm scales, not biases)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def make_optimizer(kind: str, schedule: optax.Schedule, *, b1: float = 0.9,
+                   b2: float = 0.999, momentum: float = 0.9, nesterov: bool = False,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """The optimisers of this project.
+
+  * 'adam': Adam, or AdamW with decoupled ``weight_decay`` (candidates, as in the paper);
+  * 'sgd': SGD with (Nesterov) momentum and an L2 penalty on conv and dense kernels added
+    to the gradient before momentum (the final network): decaying BatchNorm scales and
+    biases only fights the normalisation.
+  """
+  if kind == 'adam':
+    if weight_decay:
+      return optax.adamw(schedule, b1, b2, weight_decay=weight_decay)
+    return optax.adam(schedule, b1, b2)
+  if kind == 'sgd':
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernels_only),
+                       optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+  raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+
+
+# -- state and step --------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a pytree (what a checkpoint saves).
+
+  Attributes:
+    step: ``()`` int32, optimiser steps taken.
+    params: the model's ``params`` collection (float32).
+    batch_stats: the model's BatchNorm running averages.
+    opt_state: the optimiser's state.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def init_state(key: jax.Array, model, tx: optax.GradientTransformation,
+               image_shape: tuple[int, ...]) -> TrainState:
+  """Initialises parameters, BatchNorm statistics and optimiser state (step 0)."""
+  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What a step does to its batch and loss.
+
+  Attributes:
+    augment: random crop (reflect padding of ``crop_padding`` pixels) and horizontal flip.
+    crop_padding: the crop's padding.
+    label_smoothing: mass spread uniformly over the classes (0: plain cross-entropy).
+  """
+
+  augment: bool = True
+  crop_padding: int = 4
+  label_smoothing: float = 0.0
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """Per-example cross-entropy ``(B,)`` of float32 logits ``(B, K)``, int labels ``(B,)``."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
+               mean: jax.Array, std: jax.Array, *, model, tx: optax.GradientTransformation,
+               options: StepOptions) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """One optimiser step on one batch.
+
+  Args:
+    state: the current state.
+    images: ``(B, H, W, C)`` uint8 batch (augmented and normalised here).
+    labels: ``(B,)`` int32.
+    key: PRNG key of the batch's augmentation.
+    mean, std: ``(C,)`` per-channel train statistics, pixel units.
+    model: the network.
+    tx: the optimiser.
+    options: augmentation and loss options.
+
+  Returns:
+    ``(new state, (loss, accuracy))``: the batch's mean cross-entropy (without any L2
+    term) and accuracy, ``()`` float32, measured before the update.
+  """
+  if options.augment:
+    x = data_lib.augment(key, images, mean, std, pad=options.crop_padding)
+  else:
+    x = data_lib.normalize(images, mean, std)
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
+                                  train=True, mutable=['batch_stats'])
+    loss = cross_entropy(logits, labels, options.label_smoothing).mean()
+    return loss, (updates['batch_stats'], logits)
+
+  (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, (loss, (logits.argmax(-1) == labels).mean())
+
+
+# -- the epoch -------------------------------------------------------------------------------
+
+
+def epoch_plan(key: jax.Array, num_train: int, batch_size: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """An epoch's batches: ``(order (steps, batch_size) int32, step_keys (steps,))`` from one
+  epoch key (a fresh permutation; the remainder is dropped, a different one each epoch)."""
+  steps = steps_per_epoch(batch_size, num_train)
+  perm_key, step_key = jax.random.split(key)
+  order = jax.random.permutation(perm_key, num_train)[:steps * batch_size]
+  return order.reshape(steps, batch_size), jax.random.split(step_key, steps)
+
+
+def indexed_step(step: Callable, batch_sharding=None) -> Callable:
+  """``step`` reading its batch from the whole split by index:
+  ``(state, images, labels, index (B,), key, mean, std) -> step's output``."""
+
+  def run(state, images, labels, index, key, mean, std):
+    batch = images[index]
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return step(state, batch, labels[index], key, mean, std)
+
+  return run
+
+
+def train_epoch(state: TrainState, key: jax.Array, images: jax.Array, labels: jax.Array,
+                mean: jax.Array, std: jax.Array, *, step: Callable, batch_size: int,
+                batch_sharding=None) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """One epoch as one ``lax.scan`` of ``step`` over the epoch's batches.
+
+  Args:
+    state: the state before the epoch.
+    key: the epoch's key (``epoch_plan``).
+    images: ``(N, H, W, C)`` uint8, the whole training split on the device.
+    labels: ``(N,)`` int32.
+    mean, std: ``(C,)`` per-channel train statistics.
+    step: ``(state, images, labels, key, mean, std) -> (state, (loss, accuracy))``, e.g.
+      ``train_step`` with its model, optimiser and options bound.
+    batch_size: images per step.
+    batch_sharding: where a batch lives when the candidate spans several devices.
+
+  Returns:
+    ``(state, (loss, accuracy))``: means over the epoch's batches, ``()`` float32.
+  """
+  order, step_keys = epoch_plan(key, images.shape[0], batch_size)
+  one = indexed_step(step, batch_sharding)
+
+  def body(state, xs):
+    index, step_key = xs
+    return one(state, images, labels, index, step_key, mean, std)
+
+  state, (loss, accuracy) = jax.lax.scan(body, state, (order, step_keys))
+  return state, (loss.mean(), accuracy.mean())
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def eval_sums(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array,
+              weights: jax.Array, mean: jax.Array, std: jax.Array, *, model
+              ) -> tuple[jax.Array, jax.Array]:
+  """Weighted correct count and summed cross-entropy of one batch, BatchNorm in inference
+  mode; ``weights`` is 1 for a real image and 0 for padding."""
+  logits = model.apply({'params': params, 'batch_stats': batch_stats},
+                       data_lib.normalize(images, mean, std), train=False)
+  correct = ((logits.argmax(-1) == labels) * weights).sum()
+  return correct, (cross_entropy(logits, labels) * weights).sum()
+
+
+def pad_to(num: int, batch_size: int) -> tuple[int, int]:
+  """``(batch, num_batches)`` covering ``num`` images with equal batches of at most
+  ``batch_size`` (the last one padded)."""
+  if num == 0:
+    raise ValueError('cannot evaluate an empty split')
+  batch = min(batch_size, num)
+  return batch, -(-num // batch)
+
+
+def evaluate(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array,
+             mean: jax.Array, std: jax.Array, *, model, batch_size: int
+             ) -> tuple[jax.Array, jax.Array]:
+  """Accuracy and mean loss over a whole split held on the device, every image once.
+
+  The split is cut into ``ceil(N / batch)`` equal batches under ``lax.map``; the last one is
+  padded and the padding masked out, so one program serves any split size.
+
+  Returns:
+    ``(accuracy, loss)``, ``()`` float32.
+  """
+  num = images.shape[0]
+  batch, num_batches = pad_to(num, batch_size)
+  pad = num_batches * batch - num
+  shaped = lambda a: a.reshape((num_batches, batch) + a.shape[1:])
+  xs = (shaped(jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))),
+        shaped(jnp.pad(labels, (0, pad))),
+        shaped(jnp.pad(jnp.ones((num,), jnp.float32), (0, pad))))
+  correct, loss = jax.lax.map(
+      lambda b: eval_sums(params, batch_stats, *b, mean, std, model=model), xs)
+  return correct.sum() / num, loss.sum() / num

@@ -1,0 +1,260 @@
+"""Scoring candidates on datasets too large for device memory (ImageNet): streamed batches.
+
+CIFAR-sized data lives on the device (``candidate.CandidateTrainer``). ImageNet-sized data
+cannot: here the host decodes batches ahead on background threads (``data.stream_batches``)
+while the device runs one compiled ``engine.train_step`` per batch. The search still never
+sees the test split: ``StreamData.open`` holds a validation part out of the *training*
+split (deterministic given the seed), and candidates train on the rest.
+
+``StreamingTrainer`` plugs streamed batches into ``candidate.CandidateScorer``, so it
+scores, fails and caches exactly as the in-memory trainer does, and the executors use it
+unchanged when they are given an ``OpenStream`` instead of in-memory splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockqnn_jax import data as data_lib
+from blockqnn_jax import nsc
+from blockqnn_jax.prepare import PreparedBlock
+from blockqnn_jax.results import RewardConfig
+from blockqnn_jax.settings import DataSettings, NetworkSettings, TrainConfig
+from blockqnn_jax.training import candidate as candidate_lib
+from blockqnn_jax.training import engine
+
+# Per-channel pixel mean and standard deviation of ImageNet's training set (0-255 scale).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamData:
+  """Where a large dataset streams from (see ``data.stream_batches``).
+
+  Attributes:
+    source: 'tfds' (e.g. ``name='imagenet2012'``) or 'image_folder' (``path`` to a folder or
+      tar laid out ``train/<class>/<image>``).
+    name: the TFDS name.
+    path: TFDS ``data_dir``, or the folder / tar.
+    image_size: images are resized (shorter side) and centre-cropped to this side.
+    validation_size: held out of the training split for the reward; a count (>= 1) or a
+      fraction.
+    seed: decides the held-out part and the shuffles.
+    max_train: train on at most this many of the remaining images (0 = all), e.g. the
+      common 10% ImageNet proxy.
+    mean, std: per-channel normalisation (0-255 scale).
+    decode_threads: host threads decoding images.
+  """
+
+  source: str
+  name: str = ''
+  path: str | None = None
+  image_size: int = 224
+  validation_size: float = 10000
+  seed: int = 0
+  max_train: int = 0
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+  decode_threads: int = 8
+
+  def open(self) -> 'OpenStream':
+    """Checks the source and fixes the held-out validation part (reads no images)."""
+    total, num_classes = data_lib.stream_info(self.source, name=self.name, split='train',
+                                              path=self.path)
+    holdout = (int(self.validation_size) if self.validation_size >= 1
+               else int(round(self.validation_size * total)))
+    if not 0 < holdout < total:
+      raise data_lib.DataError(f'validation_size {self.validation_size} must leave both '
+                               f'parts of the {total} training images non-empty')
+    order = np.random.default_rng([self.seed, 7]).permutation(total)
+    train = np.sort(order[holdout:])
+    if self.max_train:
+      train = np.sort(np.random.default_rng([self.seed, 11]).choice(
+          train, min(self.max_train, len(train)), replace=False))
+    if len(self.mean) != len(self.std):
+      raise ValueError('mean and std need one value per channel')
+    return OpenStream(self, num_classes, train, np.sort(order[:holdout]))
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenStream:
+  """A ``StreamData`` with its class count and its train / validation example indices."""
+
+  data: StreamData
+  num_classes: int
+  train_indices: np.ndarray
+  val_indices: np.ndarray
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.data.image_size, self.data.image_size, len(self.data.mean))
+
+  @property
+  def name(self) -> str:
+    return self.data.name or str(self.data.path)
+
+  def batches(self, part: str, batch_size: int, *, seed: int = 0, num_epochs: int = 1):
+    """Host batches of the 'train' part (shuffled, full batches only) or the 'val' part
+    (in order, last batch partial)."""
+    train = part == 'train'
+    return data_lib.stream_batches(
+        self.data.source, name=self.data.name, split='train', path=self.data.path,
+        batch_size=batch_size, image_size=self.data.image_size, seed=seed, shuffle=train,
+        num_epochs=num_epochs, drop_remainder=train,
+        indices=self.train_indices if train else self.val_indices,
+        decode_threads=self.data.decode_threads)
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  init: Any
+  step: Any
+  evaluate: Any
+  compile_s: float
+
+
+class StreamingTrainer(candidate_lib.CandidateScorer):
+  """Scores candidates on streamed batches; the counterpart of ``CandidateTrainer``."""
+
+  def __init__(self, stream: OpenStream, devices: Sequence[jax.Device],
+               train_config: TrainConfig, reward_config: RewardConfig,
+               network: NetworkSettings, cache: candidate_lib.CompileCache | None = None,
+               grammar: nsc.Grammar | None = None):
+    super().__init__(candidate_lib.DeviceMesh.of(devices), train_config, reward_config,
+                     network, cache, grammar)
+    self.stream = stream
+    self.image_shape = stream.image_shape
+    self.num_classes = stream.num_classes
+    self.steps_per_epoch = engine.steps_per_epoch(train_config.batch_size,
+                                                  len(stream.train_indices))
+    g = self.group
+    self.mean = jax.device_put(np.asarray(stream.data.mean, np.float32), g.replicated)
+    self.std = jax.device_put(np.asarray(stream.data.std, np.float32), g.replicated)
+
+  def _data_shapes(self) -> tuple:
+    return ('stream', self.image_shape, len(self.stream.train_indices))
+
+  def _compile(self, prepared: PreparedBlock) -> CompiledStep:
+    """Compiles init, one training step and one validation batch."""
+    start = time.perf_counter()
+    g, config = self.group, self.train_config
+    model = self.model(prepared)
+    tx, one_step = candidate_lib.candidate_step(model, config, self.steps_per_epoch)
+
+    def init(key):
+      return engine.init_state(key, model, tx, self.image_shape)
+
+    def step(state, images, labels, data_key, i, mean, std):
+      state, (loss, _) = one_step(state, images, labels, jax.random.fold_in(data_key, i),
+                                  mean, std)
+      return state, loss
+
+    def evaluate(params, batch_stats, images, labels, weights, mean, std):
+      return engine.eval_sums(params, batch_stats, images, labels, weights, mean, std,
+                              model=model)
+
+    rng = jax.eval_shape(lambda: jax.random.key(0, impl=config.prng_impl))
+    key = g.abstract(rng.shape, rng.dtype)
+    init_l = jax.jit(init, out_shardings=g.replicated).lower(key)
+    state = jax.tree.map(lambda a: g.abstract(a.shape, a.dtype), init_l.out_info)
+    batch = lambda n, shape, dtype: g.abstract((n,) + tuple(shape), dtype, g.batched)
+    stats = g.abstract(self.mean.shape, jnp.float32)
+    b, e = config.batch_size, config.eval_batch_size
+    index = g.abstract((), jnp.int32)
+    step_c = jax.jit(step, donate_argnums=(0,), out_shardings=g.replicated).lower(
+        state, batch(b, self.image_shape, jnp.uint8), batch(b, (), jnp.int32), key, index,
+        stats, stats)
+    eval_c = jax.jit(evaluate, out_shardings=g.replicated).lower(
+        state.params, state.batch_stats, batch(e, self.image_shape, jnp.uint8),
+        batch(e, (), jnp.int32), batch(e, (), jnp.float32), stats, stats)
+    return CompiledStep(init_l.compile(), step_c.compile(), eval_c.compile(),
+                        time.perf_counter() - start)
+
+  def _train(self, prepared: PreparedBlock, compiled: CompiledStep, seed: int
+             ) -> candidate_lib.Trained:
+    g, config = self.group, self.train_config
+    init_key, data_key = (jax.device_put(k, g.replicated) for k in jax.random.split(
+        jax.random.key(seed, impl=config.prng_impl)))
+    state = compiled.init(init_key)
+    t0 = time.perf_counter()
+    epoch_losses, losses = [], []
+    stream = self.stream.batches('train', config.batch_size, seed=seed,
+                                 num_epochs=config.epochs)
+    for i, (images, labels) in enumerate(stream):
+      state, loss = compiled.step(state, jax.device_put(images, g.batched),
+                                  jax.device_put(labels, g.batched), data_key, i, self.mean,
+                                  self.std)
+      losses.append(loss)
+      if len(losses) == self.steps_per_epoch:
+        epoch_losses.append(float(jnp.mean(jnp.stack(losses))))
+        losses = []
+        # Stop streaming a diverged candidate at the end of the epoch it diverged in.
+        candidate_lib.check_divergence(epoch_losses, 0.0, self.num_classes)
+    jax.block_until_ready(state)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    accuracy, val_loss = self._validate(compiled, state.params, state.batch_stats)
+    eval_s = time.perf_counter() - t0
+    images_seen = config.epochs * self.steps_per_epoch * config.batch_size
+    return candidate_lib.Trained(np.asarray(epoch_losses), accuracy, val_loss, train_s,
+                                 eval_s, images_seen / train_s)
+
+  def _validate(self, compiled: CompiledStep, params, batch_stats) -> tuple[float, float]:
+    g, size = self.group, self.train_config.eval_batch_size
+    correct = loss = 0.0
+    count = 0
+    for images, labels in self.stream.batches('val', size):
+      n = len(labels)
+      pad = size - n  # the last batch is padded and masked: one compiled program
+      weights = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      c, l = compiled.evaluate(params, batch_stats, jax.device_put(images, g.batched),
+                               jax.device_put(labels, g.batched),
+                               jax.device_put(weights, g.batched), self.mean, self.std)
+      correct, loss, count = correct + float(c), loss + float(l), count + n
+    return correct / count, loss / count
+
+
+def suggest_source(path: str) -> str:
+  """The source that reads a file or folder like ``path``."""
+  name = path.rstrip('/').lower()
+  if name.endswith('.npz'):
+    return 'npz'
+  if 'batches' in name or 'cifar-100-python' in name:
+    return 'cifar_batches'
+  return 'image_folder'
+
+
+def load_search_data(data: DataSettings, network: NetworkSettings, seed: int
+                     ) -> data_lib.ImageSplits | OpenStream:
+  """The data a search's settings name: in-memory splits, or an opened stream when
+  ``data.stream`` (ImageNet-sized data). Either way the validation part is held out of the
+  training split, deterministically from ``seed``.
+
+  Raises:
+    data.DataError: the data cannot be read, or ``data.path`` is set for a source that
+      reads no path (it would be silently ignored).
+  """
+  if data.path and data.source == 'digits':
+    raise data_lib.DataError(
+        f'data.path={data.path!r} is not read by data.source=digits (the bundled 8x8 '
+        f'digits); pass --config.data.source={suggest_source(data.path)} to train on it')
+  if data.stream:
+    if not data.path and data.source == 'image_folder':
+      raise data_lib.DataError('data.source=image_folder needs --config.data.path= (a folder '
+                               'or tar laid out train/<class>/<image>)')
+    return StreamData(data.source, name=data.name, path=data.path or None,
+                      image_size=network.image_size, validation_size=data.validation_size,
+                      seed=seed, max_train=data.max_train,
+                      decode_threads=data.decode_threads).open()
+  return data_lib.load_splits(data.source, name=data.name, path=data.path or None,
+                              validation_size=data.validation_size, seed=seed,
+                              max_train=data.max_train or None, download=data.download)
