@@ -146,8 +146,8 @@ def _open_tfds(name: str, split: str, path: str | None, download: bool) -> Any:
       pass
     raise DataError(
         f'tfds: cannot open {name!r} split {split!r} in {where}: {reason} (prepare it in the '
-        f'array_record format, e.g. `tfds build {name} --file_format=array_record`, or pass '
-        'download=True)') from e
+        f'array_record format, e.g. `tfds build {name} --file_format=array_record`, or let '
+        'TFDS download it: --config.data.download=true)') from e
 
 
 def _tfds_features(ds: Any, name: str) -> tuple[Any, tuple[str, ...]]:
