@@ -23,6 +23,7 @@ from blockqnn_jax import canonical
 from blockqnn_jax import nsc
 from blockqnn_jax import report
 from blockqnn_jax import results
+from blockqnn_jax import store as store_lib
 from blockqnn_jax.store import DB_NAME
 
 SCHEMA = """
@@ -358,3 +359,31 @@ def test_report_does_not_import_jax():
       [sys.executable, '-c', "import blockqnn_jax.report, sys; assert 'jax' not in sys.modules"],
       cwd=root, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
+
+
+def test_compare_searches_by_distinct_candidates(tmp_path):
+  """Repeats are free: only trained rows move along the x axis; figures at a common budget."""
+  from blockqnn_jax.report import compare
+
+  def search(name, strategy, rewards):
+    with store_lib.ResultsStore(tmp_path / name) as store:
+      store.set_meta('config', json.dumps({'seed': 1, 'search': {'strategy': strategy}}))
+      for i, (reward, cached) in enumerate(rewards):
+        store.record(0, i, 1.0, results.EvalResult(
+            '1,1,3,0,0 2,7,0,0,0', f'k{i}', 'ok', val_accuracy=reward, reward=reward),
+            cached)
+    return tmp_path / name
+
+  twelve = [(0.1 * (i % 5), False) for i in range(12)]
+  a = search('a', 'qlearning', twelve + [(0.9, True)])  # the cached 0.9 costs nothing...
+  b = search('b', 'random', [(0.2, False)] * 11)
+  curve = compare.load_curve(a)
+  assert curve.trained == 12 and curve.strategy == 'qlearning'
+  assert curve.best[-1] == pytest.approx(0.4)  # ...and is not a find of this search
+  assert math.isnan(curve.top_mean[8]) and curve.top_mean[9] == pytest.approx(
+      np.mean(sorted(0.1 * (i % 5) for i in range(10))[::-1][:10]))
+  png, md = compare.compare_searches([a, b], tmp_path / 'out')
+  assert png.is_file() and png.stat().st_size > 10_000
+  text = md.read_text()
+  assert 'common budget of 11 distinct candidates' in text
+  assert '| random | 1 | 0.2000 ± 0.0000 | 0.2000 ± 0.0000 |' in text

@@ -29,7 +29,7 @@ from blockqnn_jax.results import Candidate
 _EPSILON_CMAP = 'viridis'
 
 
-def _figure(width: float, height: float, layout: str | None = 'constrained'):
+def new_figure(width: float, height: float, layout: str | None = 'constrained'):
   """A Figure on the Agg canvas: no pyplot, no global backend switch, no display."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -38,7 +38,7 @@ def _figure(width: float, height: float, layout: str | None = 'constrained'):
   return fig
 
 
-def _save(fig, path: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=dpi)
@@ -60,7 +60,7 @@ def plot_reward_per_iteration(rows: Sequence[Candidate], path: str | Path) -> Pa
   The ε phases are shaded in their ε colour and named along the top axis; failed
   candidates are marked by red crosses along the bottom edge.
   """
-  fig = _figure(10, 4.8)
+  fig = new_figure(10, 4.8)
   ax = fig.add_subplot()
   ok = [r for r in rows if r.ok]
   failed = [r for r in rows if not r.ok]
@@ -112,14 +112,14 @@ def plot_reward_per_iteration(rows: Sequence[Candidate], path: str | Path) -> Pa
     legend = fig.legend(loc='outside right upper', fontsize=8)
     for handle in legend.legend_handles:
       handle.set_alpha(1.0)  # the faint dots must still be visible in the key
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_reward_by_epsilon(rows: Sequence[Candidate], path: str | Path) -> Path:
   """Box plots of the rewards sampled at each ε, ε descending, with counts under each box."""
   by_eps = analysis.by_epsilon(rows)
   epsilons = list(by_eps)  # ε descending
-  fig = _figure(max(5.0, 0.9 * len(epsilons) + 2.5), 4.6)
+  fig = new_figure(max(5.0, 0.9 * len(epsilons) + 2.5), 4.6)
   ax = fig.add_subplot()
   labels, mean_labelled = [], False
   for pos, eps in enumerate(epsilons, start=1):
@@ -148,7 +148,7 @@ def plot_reward_by_epsilon(rows: Sequence[Candidate], path: str | Path) -> Path:
     ax.legend(loc='lower right', fontsize=8)
   else:
     _no_data(ax, 'no successful candidate yet')
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_accuracy_vs_flops(rows: Sequence[Candidate], path: str | Path,
@@ -162,7 +162,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Candidate], path: str | Path,
   # FLOPs go on a log axis: a row recorded without FLOPs (0) has no place there.
   points = [r for r in analysis.distinct_trained(rows)
             if math.isfinite(r.val_accuracy) and r.flops > 0]
-  fig = _figure(8, 5.2)
+  fig = new_figure(8, 5.2)
   ax = fig.add_subplot()
   if points:
     norm = matplotlib.colors.Normalize(0.0, 1.0)
@@ -192,7 +192,7 @@ def plot_accuracy_vs_flops(rows: Sequence[Candidate], path: str | Path,
   ax.set_ylabel('validation accuracy')
   ax.set_title(f'Accuracy vs FLOPs ({len(points)} distinct blocks)', fontsize=11)
   ax.grid(alpha=0.3, which='both', lw=0.5)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 _NODE_COLOURS = {
@@ -236,7 +236,7 @@ def draw_block(block: nsc.Block, path: str | Path, title: str | None = None) -> 
   y_lo, y_hi = -(layout.levels - 1) - 0.45, 0.45 + (0.35 if title else 0.0)
   fig_w = min(max((x_hi - x_lo) * 1.15, 3.2), 40.0)
   fig_h = min(max((y_hi - y_lo) * 0.78, 2.4), 40.0)
-  fig = _figure(fig_w, fig_h, layout=None)  # one full-figure axes: nothing to lay out
+  fig = new_figure(fig_w, fig_h, layout=None)  # one full-figure axes: nothing to lay out
   ax = fig.add_axes((0, 0, 1, 1))
   ax.set_xlim(x_lo, x_hi)
   ax.set_ylim(y_lo, y_hi)
@@ -282,4 +282,4 @@ def draw_block(block: nsc.Block, path: str | Path, title: str | None = None) -> 
             zorder=3)
   if title:
     ax.text((x_lo + x_hi) / 2, y_hi - 0.12, title, ha='center', va='top', fontsize=9.5)
-  return _save(fig, path)
+  return save_figure(fig, path)
