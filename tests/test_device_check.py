@@ -1,0 +1,151 @@
+"""The GPU device check (benchmarks/device_check.py) runs, so it cannot rot before a GPU is lent.
+
+The smallest form runs every section end to end through the command line on the CPU, in
+well under a minute; the others check the time boxes and the failure handling without
+compiling anything.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import device_check
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _smallest(**changes) -> device_check.Plan:
+  # In this process: no persistent cache, which is process-wide state other tests share.
+  return dataclasses.replace(device_check.plan_for('smallest'), cache_everywhere=False,
+                             **changes)
+
+
+def _positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _fraction(x) -> bool:
+  return isinstance(x, (int, float)) and 0.0 <= x <= 1.0
+
+
+def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
+  out = tmp_path / 'dc.json'
+  # Its own process: the command line is what a GPU session runs, the check switches JAX's
+  # persistent cache on and off (process-wide), and XLA's CPU backend may skip its LLVM
+  # optimisations there, which halves the compile time this test is made of.
+  env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.device_check', '--smallest', '--data=digits',
+       f'--out={out}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '== loops' in proc.stdout and '== memory' in proc.stdout
+  report = json.loads(out.read_text())  # strict JSON: NaN would not parse back as a number
+
+  assert report['complete'] is True
+  for key in device_check.REPORT_KEYS + ('device', 'jax_version', 'settings', 'timings',
+                                         'targets', 'memory_timeline'):
+    assert key in report, key
+  for key in device_check.REPORT_KEYS:
+    assert report[key]['status'] == 'ok', (key, report[key])
+  assert report['device']['kind'] and report['device']['platform'] == 'cpu'
+  assert report['settings']['data']['source'] == 'digits'
+  for name in device_check.SECTION_KEYS:
+    timing = report['timings'][name]
+    assert timing['status'] == 'ok' and timing['elapsed_s'] >= 0 and timing['budget_s'] > 0
+
+  loops = report['loops']
+  assert loops['recommendation'] in ('scan', 'steps')
+  assert loops['recommendation_serial_45k'] in ('scan', 'steps')
+  assert loops['auto_resolves_to'] == 'steps'  # what the library picks on CPU
+  for loop in ('scan', 'steps'):
+    assert _positive(loops['per_loop'][loop]['images_per_s'])
+
+  dtypes = report['dtypes']
+  for dtype in ('bfloat16', 'float32'):
+    assert _positive(dtypes['per_dtype'][dtype]['images_per_s'])
+    assert _fraction(dtypes['per_dtype'][dtype]['val_accuracy'])
+  assert _positive(dtypes['speedup_bf16_over_fp32'])
+
+  per_hour = report['candidates_per_hour']
+  for key in ('measured_subset', 'projected_45k', 'device_bound_45k',
+              'with_persistent_cache_measured_subset', 'with_persistent_cache_projected_45k'):
+    assert _positive(per_hour[key]), key
+  share = report['compile_share']
+  for name in ('without_cache', 'with_cache'):
+    for stats in (share[name], share[name]['projected_45k']):
+      assert _fraction(stats['compile_share']) and _fraction(stats['outside_train_share'])
+  # Read back from the persistent cache, a program costs less than compiling it.
+  assert share['with_cache']['mean_compile_s'] < share['without_cache']['mean_compile_s']
+  assert share['without_cache']['files_in_cache'] > 0
+
+  ahead = report['compile_ahead']
+  assert _positive(ahead['candidates_per_hour_ratio'])
+  assert ahead['with_compile_ahead']['compile_ahead'] is True
+  assert ahead['without_compile_ahead']['compile_ahead'] is False
+
+  memory = report['memory']
+  assert memory['peak_bytes_single_candidate'] == 'unavailable'  # the CPU has no counters
+  assert set(memory['candidates_per_hour']) == {'1', '2'}
+  assert all(_positive(v) for v in memory['candidates_per_hour'].values())
+  assert memory['sharing_works'] is True
+  assert all(p['total_bytes'] > 0 for p in memory['program_memory'].values())
+
+  targets = report['targets']
+  assert targets['min_candidates_per_gpu_hour'] == 300
+  assert targets['max_outside_train_share'] == 0.25
+  assert isinstance(targets['met_serial'], bool)
+  assert isinstance(targets['met_outside_train_share'], bool)
+  assert 'candidates/hour' in device_check.format_table(report)
+  assert report['settings']['cache_everywhere'] is True
+
+
+def test_full_plan_fits_eight_minutes():
+  plan = device_check.plan_for('full')
+  assert (plan.epochs, plan.batch_size, plan.features, plan.num_blocks) == (12, 256, 32, 2)
+  assert set(dict(plan.budgets)) == set(device_check.SECTION_KEYS)
+  # 20 s of start-up plus every box ends before the deadline, the watchdog after it.
+  assert 20 + sum(b for _, b in plan.budgets) <= plan.deadline_s < plan.hard_deadline_s < 480
+  assert max(plan.workers) == 4 and len(set(plan.pool)) >= 2 * max(plan.workers)
+  shorter = device_check.plan_for('full', time_limit_s=240)
+  assert shorter.hard_deadline_s == pytest.approx(plan.hard_deadline_s / 2)
+
+
+def test_a_spent_deadline_skips_every_section_with_a_reason(tmp_path):
+  plan = _smallest(deadline_s=0.0)
+  report = device_check.run(plan, 'digits', tmp_path / 'dc.json')
+  for key in device_check.REPORT_KEYS:
+    assert report[key]['status'] == 'skipped' and report[key]['reason'], key
+  assert json.loads((tmp_path / 'dc.json').read_text())['complete'] is True
+
+
+def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+  def broken(check, box):
+    raise RuntimeError('out of device memory')
+
+  def fine(check, box):
+    return {'compile_ahead': {'status': 'ok'}}
+
+  monkeypatch.setattr(device_check, 'SECTIONS',
+                      (('dtypes', broken), ('compile_ahead', fine)))
+  report = device_check.run(_smallest(), 'digits', tmp_path / 'dc.json',
+                            sections=['dtypes', 'compile_ahead'])
+  assert report['dtypes']['status'] == 'error'
+  assert 'out of device memory' in report['dtypes']['error']
+  assert report['compile_ahead']['status'] == 'ok'
+  assert report['timings']['dtypes']['status'] == 'error'
+
+
+def test_missing_npz_falls_back_only_at_toy_sizes(tmp_path):
+  missing = f'npz:{tmp_path}/absent.npz'
+  splits, info = device_check.load_data(missing, device_check.plan_for('smallest'))
+  assert info['source'] == 'digits' and 'absent' in info['note']
+  assert splits.image_shape == (8, 8, 1)
+  with pytest.raises(FileNotFoundError, match='carry'):
+    device_check.load_data(missing, device_check.plan_for('full'))
