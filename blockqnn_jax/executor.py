@@ -86,7 +86,7 @@ def make_executor(splits, settings: SearchSettings, *, compile_cache_dir: str | 
 
     from blockqnn_jax import local_executor
     return local_executor.LocalExecutor(
-        splits, settings, devices=jax.local_devices(),
+        splits, settings, devices=jax.local_devices() * section.workers_per_device,
         devices_per_candidate=section.devices_per_candidate,
         compile_ahead=section.compile_ahead, grammar=settings.space)
   if section.kind == 'ray':

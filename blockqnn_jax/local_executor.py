@@ -62,6 +62,8 @@ class LocalExecutor(executor_lib.Executor):
             grammar=grammar))
     self.compile_ahead = compile_ahead
     self._queue: queue.Queue[executor_lib.Job | None] = queue.Queue()
+    self._idle = 0  # workers waiting for a job
+    self._idle_lock = threading.Lock()
     self._compile_pool = concurrent.futures.ThreadPoolExecutor(
         max_workers=len(self.trainers), thread_name_prefix='compile')
     self._busy_s = [0.0] * len(self.trainers)
@@ -99,13 +101,19 @@ class LocalExecutor(executor_lib.Executor):
     stopping = False
     while True:
       if pending is None:
+        with self._idle_lock:
+          self._idle += 1
         job = self._queue.get()
+        with self._idle_lock:
+          self._idle -= 1
         if job is None:
           return
         pending = (job, None)
       job, compiling = pending
       pending = None
-      if self.compile_ahead and not stopping:
+      # Look ahead only at a job no idle worker is about to take: on a short queue (the end
+      # of an iteration) every worker gets a candidate before any compiles a second one.
+      if self.compile_ahead and not stopping and self._queue.qsize() > self._idle:
         try:
           nxt = self._queue.get_nowait()
         except queue.Empty:

@@ -215,3 +215,31 @@ def test_real_cifar10_pixels_end_to_end(shared_data):
   result = _evaluate(SMALL, config, splits)
   assert result.ok, result.failure_reason
   assert 0.0 <= result.val_accuracy <= 1.0 and result.params > 0
+
+
+def test_a_program_compiling_is_waited_for_not_compiled_again(trainer):
+  """Two workers asking for the same new block at once: one compiles, the other waits."""
+  import concurrent.futures
+  fresh = candidate_lib.CandidateTrainer(trainer.group, trainer.train_config,
+                                         trainer.reward_config, trainer.network)
+  block = nsc.parse('1,1,1,0,0 2,4,0,1,0 3,7,0,0,0')
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    outcomes = list(pool.map(lambda _: fresh.compile(block), range(2)))
+  assert fresh.cache.misses == 1 and fresh.cache.hits == 1
+  assert outcomes[0][0] is outcomes[1][0]
+  assert sorted(cached for _, cached in outcomes) == [False, True]
+
+
+def test_several_workers_share_one_device(splits):
+  """executor.workers_per_device: more workers (and compile threads) than devices."""
+  from blockqnn_jax import executor as executor_lib
+  config = _config(epochs=1)
+  config.executor = dict(workers_per_device=2)
+  with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+    assert executor.num_workers == 2 * len(jax.local_devices())
+    devices = [t.group.name for t in executor.trainers]
+    assert devices.count('cpu:0') == 2
+    blocks = [SMALL, nsc.parse('1,2,1,0,0 2,7,0,0,0')]
+    outcomes = executor.map(blocks, seeds=[0, 1])
+  assert all(r.ok for r in outcomes)
+  assert [r.block for r in outcomes] == [b.to_text() for b in blocks]

@@ -27,6 +27,7 @@ failure as a failed result); ``CandidateTrainer`` plugs in on-device data, and
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import math
 import threading
@@ -144,15 +145,48 @@ class CompileCache:
   """Compiled programs keyed by (canonical block, network, training, shapes, devices).
 
   Equivalent blocks are built from their canonical form, so they lower to the same
-  program and share an entry. Thread-safe; bounded (least recently used entries go).
+  program and share an entry. Thread-safe; bounded (least recently used entries go). A
+  program being compiled by one thread is waited for by another that asks for it, never
+  compiled twice (``get_or_compile``).
   """
 
   def __init__(self, max_entries: int = 64):
     self._entries: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
     self._max = max_entries
+    self._compiling: dict[Any, concurrent.futures.Future] = {}
     self.hits = 0
     self.misses = 0
+
+  def get_or_compile(self, key, compile_fn) -> tuple[Any, bool]:
+    """``(value, cached)``: the entry, else ``compile_fn()``'s value, stored. ``cached`` is
+    True when another call compiled it (before, or while this one waited)."""
+    with self._lock:
+      if key in self._entries:
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return self._entries[key], True
+      future = self._compiling.get(key)
+      owner = future is None
+      if owner:
+        future = self._compiling[key] = concurrent.futures.Future()
+        self.misses += 1
+      else:
+        self.hits += 1
+    if not owner:
+      return future.result(), True  # raises what the compiling thread raised
+    try:
+      value = compile_fn()
+    except BaseException as e:
+      with self._lock:
+        del self._compiling[key]
+      future.set_exception(e)
+      raise
+    self.put(key, value)
+    with self._lock:
+      del self._compiling[key]
+    future.set_result(value)
+    return value, False
 
   def get(self, key):
     with self._lock:
@@ -226,13 +260,8 @@ class CandidateScorer:
   def compile(self, block: nsc.Block | PreparedBlock) -> tuple[Any, bool]:
     """Compiles (or fetches) the programs of ``block``'s canonical form: (programs, cached)."""
     prepared = block if isinstance(block, PreparedBlock) else self.prepare(block)
-    cache_key = self._cache_key(prepared)
-    cached = self.cache.get(cache_key)
-    if cached is not None:
-      return cached, True
-    compiled = self._compile(prepared)
-    self.cache.put(cache_key, compiled)
-    return compiled, False
+    return self.cache.get_or_compile(self._cache_key(prepared),
+                                     lambda: self._compile(prepared))
 
   def _compile(self, prepared: PreparedBlock) -> Any:
     raise NotImplementedError
