@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from blockqnn_jax.settings import FinalSettings
 from blockqnn_jax.training import final
+from experiments import user_errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar_final.py:smoke',
                                           'Retraining config (file[:preset]).')
@@ -54,6 +55,8 @@ def main(argv):
     logging.get_absl_handler().addFilter(_DropOrbaxInfo())
   # The config is read here, once; everything below takes the typed settings.
   settings = FinalSettings.from_config(_CONFIG.value)
+  # A block that cannot be found is refused before the workdir is made.
+  final.resolve_block(settings)
   # A scheduler's SIGTERM (preemption) unwinds like Ctrl-C: the last finished epoch is saved.
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   result = final.train_and_evaluate(settings, _WORKDIR.value,
@@ -71,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  user_errors.run(main)

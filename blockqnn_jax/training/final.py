@@ -64,6 +64,7 @@ from blockqnn_jax.report import analysis
 from blockqnn_jax.report import REPORT_DIR
 from blockqnn_jax.settings import FinalSettings, FinalTrainConfig
 from blockqnn_jax.training import engine
+from blockqnn_jax.workdir_lock import WorkdirLock
 
 CONFIG_FILE = 'config.json'
 FINAL_FILE = 'final.json'
@@ -461,7 +462,18 @@ def train_and_evaluate(settings: FinalSettings, workdir: str | Path, *,
     ConfigMismatch: the workdir holds a run with other settings or another block.
     BlockNotFound: see ``resolve_block``.
     FloatingPointError: the training loss became non-finite.
+    workdir_lock.WorkdirBusy: another run (or a search) holds the workdir.
   """
+  # One run per workdir: two would interleave checkpoints and overwrite config.json.
+  with WorkdirLock(workdir, purpose='retraining'):
+    return _train_and_evaluate(settings, workdir, max_epochs_this_run=max_epochs_this_run,
+                               on_epoch_end=on_epoch_end)
+
+
+def _train_and_evaluate(settings: FinalSettings, workdir: str | Path, *,
+                        max_epochs_this_run: int | None,
+                        on_epoch_end: Callable[[int, dict[str, float]], None] | None
+                        ) -> FinalResult:
   start = time.perf_counter()
   workdir = Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
