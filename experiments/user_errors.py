@@ -45,6 +45,9 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
         'workdir'),
     'blockqnn_jax.training.final.ConfigMismatch': ('config', ''),
     'blockqnn_jax.training.final.BlockNotFound': ('no block to retrain', ''),
+    'builtins.FloatingPointError': (
+        'diverged', 'lower --config.train.learning_rate; the run resumes from its last '
+        'checkpoint'),
     'builtins.FileNotFoundError': ('not found', 'check the path'),
     'builtins.NotADirectoryError': ('not a directory', ''),
     'builtins.PermissionError': ('permission denied', ''),
