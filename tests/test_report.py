@@ -47,7 +47,16 @@ NAN_LOSS = 'non-finite loss at step 120'
 
 def random_block(rng: random.Random, num_layers: int,
                  grammar: nsc.Grammar = nsc.Grammar()) -> nsc.Block:
-  """A valid block of ``num_layers`` layers before the terminal, drawn uniformly per field."""
+  """A valid block of ``num_layers`` layers before the terminal, drawn uniformly per field
+  (drawn again when it merges a tensor with itself through identity-like layers)."""
+  while True:
+    try:
+      return _draw_block(rng, num_layers, grammar)
+    except nsc.NSCError:
+      continue
+
+
+def _draw_block(rng: random.Random, num_layers: int, grammar: nsc.Grammar) -> nsc.Block:
   layers = []
   for index in range(1, num_layers + 1):
     types = grammar.layer_types if index >= 2 else (1, 2, 3, 4)  # layer 1 has one input
