@@ -1,21 +1,31 @@
-"""BlockQNN's agent vs random search and regularized evolution on NAS-Bench-201 (tabular).
+"""Search strategies on NAS-Bench-201 (tabular), measured in DISTINCT cells queried.
 
-For each dataset, method and budget (distinct cells queried), the mean ± std over seeds of
-the best test accuracy found, and the regret to the table's optimum. The Q-learner runs in
-variants that each drop one of the paper's choices (replay, reward shaping, the ε schedule),
-plus one with a larger learning rate. Random search and evolution do not depend on the
-budget, so one run per seed at the largest budget gives every budget's figure (its prefix);
-the agent's ε schedule is scaled to the budget, so it runs once per budget.
+For each strategy, dataset and budget, the mean ± std over seeds of the best test accuracy
+found within that many distinct cells (repeats are free). Strategies: BlockQNN's agent with
+the paper's settings (``qlearning_paper``, its ε schedule shortened to the budget), the fast
+preset that goes beyond the paper (``qlearning_fast``, sized to the budget), random search,
+aging evolution, local search, and Optuna's TPE when Optuna is installed (the ``bench``
+extra). Every strategy but TPE runs through ``strategies``' ask/tell interface, all
+(dataset, budget, seed) searches of one strategy in a single jitted, vmapped loop.
 
-  python -m benchmarks.nb201                          # 100 seeds, budgets 50,100,150,300
-  python -m benchmarks.nb201 --seeds=10 --datasets=cifar10 --plot=/tmp/nb201.png
+Strategies that do not depend on the budget (random, evolution, local search, TPE) run once
+at the largest budget and every smaller budget reads its prefix; the Q-learners size their
+schedule to the budget, so each budget is its own search. ``--ablations`` adds one variant
+of the fast preset per ingredient it changes back.
 
-Exits 0 with a message when the table is absent.
+  python -m benchmarks.nb201 --table=../shared/data/nb201-tss-200ep-test-acc.csv \\
+      --json=/tmp/nb201.json                       # 100 seeds, budgets 50,100,150,300
+  python -m benchmarks.nb201 --seeds=10 --datasets=cifar10 --ablations=all
+
+Writes ``{"results": {strategy: {dataset: {"<budget>": {"mean", "std"}}}}, ...}`` to
+``--json`` and the best-so-far plot to ``--plot`` (default: beside the JSON). Exits 0 with a
+message when the table is absent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -27,22 +37,37 @@ import numpy as np
 from blockqnn_jax import baselines as bl
 from blockqnn_jax import nb201
 from blockqnn_jax import qlearning as ql
+from blockqnn_jax import strategies as st
 
 _TABLE_NAME = 'nb201-tss-200ep-test-acc.csv'
+STRATEGY_NAMES = ('qlearning_paper', 'qlearning_fast', 'random', 'evolution', 'local_search',
+                  'tpe')
 
 _TABLE = flags.DEFINE_string(
     'table', None, 'The NAS-Bench-201 CSV; default: $BLOCKQNN_SHARED_DATA or ../shared/data '
     f'beside the repository, file {_TABLE_NAME}.')
+_JSON = flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
+_PLOT = flags.DEFINE_string('plot', None, 'Where to write the best-so-far plot (PNG); '
+                            'default: the JSON path with .png, no plot without --json.')
 _DATASETS = flags.DEFINE_list('datasets', list(nb201.DATASETS), 'Datasets to search.')
 _BUDGETS = flags.DEFINE_list('budgets', ['50', '100', '150', '300'], 'Distinct-cell budgets.')
-_SEEDS = flags.DEFINE_integer('seeds', 100, 'Searches per (dataset, method, budget).')
-_BLOCKS = flags.DEFINE_integer('blocks_per_iteration', 8, 'Agent: cells per iteration.')
-_FIXED_EPSILON = flags.DEFINE_float('fixed_epsilon', 0.5, 'Agent: ε of the fixed-ε variant.')
-_FAST_ALPHA = flags.DEFINE_float('fast_alpha', 0.1, 'Agent: α of the large-α variant '
-                                 '(0 drops the variant).')
-_EVOLUTION_P = flags.DEFINE_integer('population', 10, 'Evolution: population P.')
-_EVOLUTION_S = flags.DEFINE_integer('sample', 3, 'Evolution: tournament size S.')
-_PLOT = flags.DEFINE_string('plot', None, 'Where to write the best-so-far plot (PNG).')
+_SEEDS = flags.DEFINE_integer('seeds', 100, 'Searches per (strategy, dataset, budget).')
+_FIRST_SEED = flags.DEFINE_integer('first_seed', 0, 'Seeds are first_seed, first_seed + 1, '
+                                   '... (another range checks a tuning held out).')
+_TPE_SEEDS = flags.DEFINE_integer('tpe_seeds', None, 'Seeds for TPE (Python, one search at '
+                                  'a time: the slow one); default: --seeds.')
+_STRATEGIES = flags.DEFINE_list('strategies', list(STRATEGY_NAMES), 'Strategies to run.')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Proposals per ask for every strategy but the '
+                              "paper's agent (1: the sequential algorithms).")
+_PAPER_BATCH = flags.DEFINE_integer('paper_batch', 8, "Blocks per iteration of the paper's "
+                                    'agent (its ε schedule needs several iterations).')
+_ABLATIONS = flags.DEFINE_list('ablations', [], 'Variants of qlearning_fast, each changing '
+                               'one ingredient back: "all" or names from ABLATIONS.')
+_MAX_ITERATIONS = flags.DEFINE_integer(
+    'max_iterations_factor', 10, 'Cap on asks, as a multiple of ceil(budget / batch): a '
+    'search whose proposals keep repeating known cells stops there (and says so).')
+_POPULATION = flags.DEFINE_integer('population', 10, 'Evolution: population P.')
+_SAMPLE = flags.DEFINE_integer('sample', 3, 'Evolution: tournament size S.')
 
 
 def default_table_path() -> Path:
@@ -50,89 +75,108 @@ def default_table_path() -> Path:
   return Path(os.environ.get('BLOCKQNN_SHARED_DATA', shared)) / _TABLE_NAME
 
 
-def agent_variants(blocks: int, fixed_epsilon: float,
-                   fast_alpha: float) -> dict[str, bl.QLearnerParams]:
-  """The paper's agent and the variants that each change one of its choices."""
-  full = bl.QLearnerParams(blocks_per_iteration=blocks)
-  variants = {
-      'Q full': full,
-      'Q no replay': dataclasses.replace(
-          full, config=dataclasses.replace(full.config, replay_size=0)),
-      'Q no shaping': dataclasses.replace(
-          full, config=dataclasses.replace(full.config, reward_shaping=False)),
-      f'Q fixed eps={fixed_epsilon:g}': dataclasses.replace(full, fixed_epsilon=fixed_epsilon),
-  }
-  if fast_alpha > 0:
-    variants[f'Q alpha={fast_alpha:g}'] = dataclasses.replace(
-        full, config=ql.QLearningConfig(alpha=fast_alpha))
-  return variants
+def _config(**changes) -> ql.QLearningConfig:
+  return dataclasses.replace(st.fast_qlearner(1).config, **changes)
 
 
-def run_dataset(table: nb201.NB201Table, dataset: str, budgets: list[int], seeds: int,
-                variants: dict[str, bl.QLearnerParams],
-                evolution: bl.EvolutionParams):
-  """Runs every method on one dataset.
+# Each entry changes one ingredient of the fast preset back (towards the paper's agent).
+ABLATIONS = {
+    'no_random_phase': dict(schedule=ql.EpsilonSchedule(((0.0, 1),))),
+    # Per-step ε at about one changed layer per block (6 edges): the paper's exploration.
+    'per_step_epsilon': dict(exploration='epsilon',
+                             schedule=ql.EpsilonSchedule(((1.0, 1), (1 / 6, 9)))),
+    'repeats': dict(avoid_repeats=False, restart=False),
+    'no_restart': dict(restart=False),
+    'escalate_not_restart': dict(restart=False, max_mutations=3, max_resamples=48),
+    'poisson_mutations': dict(mutation_rate=1.0, max_mutations=3),
+    'watkins': dict(config=_config(monotone=False)),
+    'paper_alpha': dict(config=_config(alpha=0.01)),
+    'no_shaping': dict(config=_config(reward_shaping=False)),
+    'optimistic_init': dict(config=_config(q_init=1.0)),
+    'replay': dict(config=_config(replay_size=128)),
+}
 
-  Returns:
-    ``(results, traces)``: method → budget → ``(seeds,)`` best accuracy found, and method →
-    ``(max budget,)`` mean best-so-far trace (the agent's from its largest-budget runs).
-  """
+
+def make(name: str, top: int, batch: int) -> tuple[st.Strategy, bool]:
+  """The strategy benchmarked as ``name``, and whether it depends on the budget."""
+  if name == 'qlearning_paper':
+    # The paper's settings, its schedule shortened to ceil(budget / batch) iterations.
+    return st.QLearner(budget=top, schedule_unit='iterations'), True
+  if name == 'qlearning_fast':
+    return st.fast_qlearner(top, tried_capacity=2 * top + 2 * batch), True
+  if name.startswith('qlearning_fast/'):
+    return st.fast_qlearner(top, tried_capacity=2 * top + 2 * batch,
+                            **ABLATIONS[name.split('/', 1)[1]]), True
+  if name == 'evolution':
+    return st.AgingEvolution(population=_POPULATION.value, sample=_SAMPLE.value), False
+  return st.make_strategy(name), False
+
+
+def run_strategy(name: str, tables: np.ndarray, budgets: list[int], seeds: int):
+  """``(traces, note)``: ``(datasets, budgets, seeds, max budget)`` best-so-far traces."""
   top = max(budgets)
-  random_traces = np.stack([bl.random_search(nb201.TabularEvaluator(table, dataset), top,
-                                             seed) for seed in range(seeds)])
-  evolution_traces = np.stack([
-      _pad(bl.regularized_evolution(nb201.TabularEvaluator(table, dataset), top, seed,
-                                    evolution), top) for seed in range(seeds)])
-  results = {'random': {b: random_traces[:, b - 1] for b in budgets},
-             'evolution': {b: evolution_traces[:, b - 1] for b in budgets}}
-  traces = {'random': random_traces.mean(0), 'evolution': evolution_traces.mean(0)}
-  accuracies = table.by_code(dataset)
-  for name, params in variants.items():
-    results[name] = {}
-    for budget in budgets:
-      run = bl.qlearning_search_batch(accuracies, budget, range(seeds), params, trace_len=top)
-      results[name][budget] = run.traces[:, -1]
-      short = int((run.queries < budget).sum())
-      if short:
-        print(f'  note: {name} budget {budget}: {short}/{seeds} searches hit the '
-              'iteration cap before spending the budget')
-      if budget == top:
-        traces[name] = run.traces.mean(0)
-  return results, traces
+  if name == 'tpe':
+    count = _TPE_SEEDS.value or seeds
+    seeds = range(_FIRST_SEED.value, _FIRST_SEED.value + count)
+    traces = np.stack([np.stack([bl.tpe_search(acc, top, seed) for seed in seeds])
+                       for acc in tables])
+    return np.repeat(traces[:, None], len(budgets), axis=1), f'{count} seeds'
+  batch = _PAPER_BATCH.value if name == 'qlearning_paper' else _BATCH.value
+  strategy, sized = make(name, top, batch)
+  result = bl.search_batch(strategy, tables, budgets if sized else [top],
+                           range(_FIRST_SEED.value, _FIRST_SEED.value + seeds), batch,
+                           max_iterations_factor=_MAX_ITERATIONS.value)
+  traces = result.traces if sized else np.repeat(result.traces, len(budgets), axis=1)
+  short = result.queries < (np.asarray(budgets)[None, :, None] if sized else top)
+  note = f'batch {batch}'
+  if short.any():
+    note += f'; {int(short.sum())} searches hit the iteration cap before their budget'
+  return traces, note
 
 
-def _pad(trace: np.ndarray, length: int) -> np.ndarray:
-  return np.pad(trace, (0, length - trace.size), mode='edge')
+def summarise(traces: np.ndarray, datasets: list[str], budgets: list[int]):
+  """``{dataset: {"<budget>": {"mean", "std"}}}`` and the per-budget best arrays."""
+  out = {}
+  for d, dataset in enumerate(datasets):
+    out[dataset] = {}
+    for b, budget in enumerate(budgets):
+      best = traces[d, b, :, budget - 1]
+      out[dataset][str(budget)] = {'mean': float(best.mean()), 'std': float(best.std())}
+  return out
 
 
 def print_table(dataset: str, optimum: float, results, budgets: list[int]) -> None:
   print(f'\n{dataset}: best test accuracy found (mean ± std over seeds), regret to the '
         f'optimum {optimum:.2f} in brackets')
-  print(f'{"method":<22}' + ''.join(f'{f"budget {b}":>24}' for b in budgets))
-  for name, by_budget in results.items():
-    cells = [f'{v.mean():6.2f} ± {v.std():4.2f} ({optimum - v.mean():4.2f})'
-             for v in (by_budget[b] for b in budgets)]
-    print(f'{name:<22}' + ''.join(f'{c:>24}' for c in cells))
+  print(f'{"strategy":<34}' + ''.join(f'{f"budget {b}":>23}' for b in budgets))
+  for name, by_dataset in results.items():
+    cells = []
+    for b in budgets:
+      v = by_dataset[dataset][str(b)]
+      cells.append(f'{v["mean"]:6.2f} ± {v["std"]:4.2f} ({optimum - v["mean"]:4.2f})')
+    print(f'{name:<34}' + ''.join(f'{c:>23}' for c in cells))
 
 
-def plot(path: str, traces_by_dataset, optima, results_by_dataset, budgets) -> None:
+def plot(path: str, curves, optima, datasets: list[str], results, budgets: list[int]) -> None:
+  """Mean best-so-far against distinct cells (the budget-sized agents' curve is their run
+  at the largest budget; dots mark each budget's own runs)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  datasets = list(traces_by_dataset)
   fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-  for ax, dataset in zip(axes[0], datasets):
-    for name, trace in traces_by_dataset[dataset].items():
-      line, = ax.plot(np.arange(1, trace.size + 1), trace, label=name, lw=1.2)
-      if name.startswith('Q'):  # the agent's schedule depends on the budget: its own points
-        means = [results_by_dataset[dataset][name][b].mean() for b in budgets]
-        ax.plot(budgets, means, 'o', color=line.get_color(), ms=3)
+  for d, (ax, dataset) in enumerate(zip(axes[0], datasets)):
+    lows = []
+    for name, traces in curves.items():
+      mean = traces[d, -1].mean(axis=0)
+      line, = ax.plot(np.arange(1, mean.size + 1), mean, label=name, lw=1.2)
+      ax.plot(budgets, [results[name][dataset][str(b)]['mean'] for b in budgets], 'o',
+              color=line.get_color(), ms=3)
+      lows.append(mean[min(9, mean.size - 1)])
     ax.axhline(optima[dataset], color='k', ls=':', lw=0.8, label='optimum')
     ax.set_title(dataset)
     ax.set_xlabel('distinct cells queried')
     ax.set_ylabel('best test accuracy (%)')
-    low = min(t[min(9, t.size - 1)] for t in traces_by_dataset[dataset].values())
-    ax.set_ylim(low, optima[dataset] + 0.3)
+    ax.set_ylim(min(lows), optima[dataset] + 0.3)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -147,22 +191,48 @@ def main(argv):
     return 0
   start = time.perf_counter()
   table = nb201.NB201Table.load(path)
+  datasets = list(_DATASETS.value)
   budgets = sorted(int(b) for b in _BUDGETS.value)
-  variants = agent_variants(_BLOCKS.value, _FIXED_EPSILON.value, _FAST_ALPHA.value)
-  evolution = bl.EvolutionParams(population=_EVOLUTION_P.value, sample=_EVOLUTION_S.value)
-  print(f'seeds={_SEEDS.value} budgets={budgets} blocks/iteration={_BLOCKS.value} '
-        f'evolution P={evolution.population} S={evolution.sample}')
-  traces, optima, all_results = {}, {}, {}
-  for dataset in _DATASETS.value:
+  names = [n for n in _STRATEGIES.value]
+  unknown = set(names) - set(STRATEGY_NAMES)
+  if unknown:
+    raise app.UsageError(f'unknown strategies {sorted(unknown)}; known: {STRATEGY_NAMES}')
+  ablations = list(ABLATIONS) if _ABLATIONS.value == ['all'] else list(_ABLATIONS.value)
+  if set(ablations) - set(ABLATIONS):
+    raise app.UsageError(f'unknown ablations {sorted(set(ablations) - set(ABLATIONS))}; '
+                         f'known: {list(ABLATIONS)}')
+  names += [f'qlearning_fast/{a}' for a in ablations]
+  if 'tpe' in names and not bl.tpe_available():
+    print('tpe: skipped, Optuna is not installed (pip install -e .[bench]).')
+    names.remove('tpe')
+  tables = np.stack([table.by_code(d) for d in datasets])
+  print(f'seeds={_SEEDS.value} (from {_FIRST_SEED.value}) budgets={budgets} '
+        f'datasets={datasets}')
+  results, curves, runtimes = {}, {}, {}
+  for name in names:
     t0 = time.perf_counter()
-    results, traces[dataset] = run_dataset(table, dataset, budgets, _SEEDS.value, variants,
-                                           evolution)
-    optima[dataset], all_results[dataset] = table.optimum(dataset), results
+    traces, note = run_strategy(name, tables, budgets, _SEEDS.value)
+    runtimes[name] = time.perf_counter() - t0
+    print(f'{name}: {runtimes[name]:.1f} s ({note})', flush=True)
+    results[name] = summarise(traces, datasets, budgets)
+    curves[name] = traces
+  optima = {d: table.optimum(d) for d in datasets}
+  for dataset in datasets:
     print_table(dataset, optima[dataset], results, budgets)
-    print(f'({time.perf_counter() - t0:.1f} s)')
-  if _PLOT.value:
-    plot(_PLOT.value, traces, optima, all_results, budgets)
-  print(f'\ntotal {time.perf_counter() - start:.1f} s')
+  total = time.perf_counter() - start
+  print(f'\ntotal {total:.1f} s')
+  if _JSON.value:
+    Path(_JSON.value).write_text(json.dumps({
+        'results': results, 'optima': optima, 'seeds': _SEEDS.value,
+        'first_seed': _FIRST_SEED.value,
+        'tpe_seeds': _TPE_SEEDS.value or _SEEDS.value, 'batch': _BATCH.value,
+        'paper_batch': _PAPER_BATCH.value, 'runtime_s': {**runtimes, 'total': total},
+    }, indent=1))
+    print(f'results written to {_JSON.value}')
+  plot_path = _PLOT.value or (str(Path(_JSON.value).with_suffix('.png')) if _JSON.value
+                              else None)
+  if plot_path:
+    plot(plot_path, curves, optima, datasets, results, budgets)
   return 0
 
 

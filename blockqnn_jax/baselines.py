@@ -1,24 +1,22 @@
-"""Search strategies on the NAS-Bench-201 table, all measured in DISTINCT cells queried.
+"""Any search strategy on the NAS-Bench-201 table, measured in DISTINCT cells queried.
 
 Every search returns its *trace*: the best accuracy found after each distinct query
 (``trace[k]`` is the best over the first ``k + 1`` distinct cells). Re-querying a known cell
-is free, as it would be for a real search that caches its trained networks.
+is free, as it is for a real search that caches its trained networks.
 
-* ``random_search`` — uniform cells without repetition.
-* ``regularized_evolution`` — aging evolution (Real et al. 2019): tournament of S from a
-  population of P, mutate one edge of the winner, the oldest member dies.
-* ``qlearning_search`` — BlockQNN's agent (``qlearning.sample_blocks`` / ``learn``,
-  unchanged) on ``nb201.build_nb201_space()``, reward = accuracy / 100. The whole search,
-  lookup and distinct-cell bookkeeping included, runs in one jitted ``while_loop``, vmapped
-  over seeds (``qlearning_search_batch``): the agent's per-iteration work is tiny, so
+* ``search_batch`` — any ``strategies`` strategy (Q-learning, random, aging evolution, local
+  search) through its ask/tell interface on ``nb201.build_nb201_space()``, reward =
+  accuracy / 100. The whole search, lookup and distinct-cell bookkeeping included, runs in
+  one jitted ``while_loop``, vmapped over seeds: the strategies' per-ask work is tiny, so
   per-call dispatch, not arithmetic, is what costs on a CPU.
+* ``tpe_search`` — Optuna's TPE sampler (an optional dependency: the ``bench`` extra), one
+  categorical parameter per edge; what a user might reach for instead of a NAS codebase.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -26,131 +24,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockqnn_jax import nb201
-from blockqnn_jax import qlearning as ql
+from blockqnn_jax import strategies as st
 
 
-# -- random search ----------------------------------------------------------------------------
-
-def random_search(evaluator: nb201.TabularEvaluator, budget: int,
-                  rng: np.random.Generator | int) -> np.ndarray:
-  """Queries ``budget`` distinct uniform cells; returns the best-so-far trace ``(budget,)``."""
-  rng = np.random.default_rng(rng)
-  start = evaluator.num_queries
-  # Uniform draws with repeats skipped = a uniform permutation's prefix.
-  for code in rng.permutation(nb201.NUM_CELLS):
-    if evaluator.num_queries - start >= budget:
-      break
-    evaluator(nb201.code_ops(int(code)))
-  return np.asarray(evaluator.history[start:start + budget])
-
-
-# -- regularized evolution --------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class EvolutionParams:
-  """Aging evolution's settings (NAS-Bench-201's REA: P=10, S=3).
-
-  Attributes:
-    population: P, the population size (also the number of random initial cells).
-    sample: S, the tournament size.
-    max_steps_factor: cap on evolution steps, as a multiple of the budget (repeated children
-      are free, so without a cap a converged population could loop forever).
-  """
-
-  population: int = 10
-  sample: int = 3
-  max_steps_factor: int = 50
-
-  def __post_init__(self):
-    if not 1 <= self.sample <= self.population:
-      raise ValueError(f'need 1 <= sample <= population, got {self.sample}, {self.population}')
-
-
-def mutate(ops: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
-  """Changes one uniformly chosen edge to a uniformly chosen different op."""
-  ops = list(ops)
-  edge = int(rng.integers(nb201.NUM_EDGES))
-  ops[edge] = (ops[edge] + 1 + int(rng.integers(nb201.NUM_OPS - 1))) % nb201.NUM_OPS
-  return tuple(ops)
-
-
-def regularized_evolution(evaluator: nb201.TabularEvaluator, budget: int,
-                          rng: np.random.Generator | int,
-                          params: EvolutionParams = EvolutionParams()) -> np.ndarray:
-  """Aging evolution until ``budget`` distinct cells are queried; returns the trace.
-
-  The trace is shorter than ``budget`` only if the step cap is hit first.
-  """
-  rng = np.random.default_rng(rng)
-  start = evaluator.num_queries
-  spent = lambda: evaluator.num_queries - start
-  population: list[tuple[tuple[int, ...], float]] = []
-  while len(population) < params.population and spent() < budget:
-    cell = nb201.code_ops(int(rng.integers(nb201.NUM_CELLS)))
-    population.append((cell, evaluator(cell)))
-  for _ in range(params.max_steps_factor * budget):
-    if spent() >= budget:
-      break
-    contenders = rng.choice(len(population), params.sample, replace=False)
-    parent = max((population[i] for i in contenders), key=lambda member: member[1])
-    child = mutate(parent[0], rng)
-    population.append((child, evaluator(child)))
-    population.pop(0)  # the oldest dies, not the worst: that is the "regularization"
-  return np.asarray(evaluator.history[start:start + budget])
-
-
-# -- Q-learning -------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class QLearnerParams:
-  """The agent's search settings.
-
-  Attributes:
-    blocks_per_iteration: cells sampled per iteration (the paper's batch is 64 at 11,392
-      blocks; small budgets need small batches for the schedule to have any resolution).
-    config: α, γ, Q init, reward shaping, replay (``replay_size=0`` turns replay off).
-    schedule: the ε schedule; its proportions are scaled to ``ceil(budget / batch)``
-      iterations, and past its end ε stays at its last value.
-    fixed_epsilon: if set, ε is this constant instead of the schedule.
-    max_iterations_factor: cap on iterations, as a multiple of the scaled schedule's length
-      (greedy sampling may keep resampling known, free cells).
-  """
-
-  blocks_per_iteration: int = 8
-  config: ql.QLearningConfig = ql.QLearningConfig()
-  schedule: ql.EpsilonSchedule = ql.EpsilonSchedule()
-  fixed_epsilon: float | None = None
-  max_iterations_factor: int = 20
-
-  def planned_iterations(self, budget: int) -> int:
-    return max(1, math.ceil(budget / self.blocks_per_iteration))
-
-  def epsilons(self, budget: int) -> np.ndarray:
-    """ε for every iteration up to the cap, ``(max_iterations_factor · planned,)``."""
-    planned = self.planned_iterations(budget)
-    its = np.arange(self.max_iterations_factor * planned)
-    if self.fixed_epsilon is not None:
-      return np.full(its.shape, self.fixed_epsilon, np.float32)
-    return np.asarray(ql.epsilon_at(self.schedule.scaled(planned), its), np.float32)
-
-
-def _search_one(key, accuracies, epsilons, budget, max_iterations, space,
-                config: ql.QLearningConfig, batch: int, trace_len: int):
-  """One seed's whole search as a ``while_loop``; returns (trace, queries, iterations)."""
+def _search_one(key, accuracies, budget, max_iterations, space, strategy, batch: int,
+                trace_len: int):
+  """One search as a ``while_loop``; returns (trace, queries, iterations)."""
 
   def cond(carry):
-    _, _, _, _, _, count, it = carry
+    *_, count, it = carry
     return (count < budget) & (it < max_iterations)
 
   def body(carry):
-    key, q, memory, seen, trace, count, it = carry
-    key, sample_key, learn_key = jax.random.split(key, 3)
-    traj = ql.sample_blocks(sample_key, q, space, epsilons[it], batch)
-    codes = nb201.path_codes(traj.states)
+    key, state, seen, trace, count, it = carry
+    key, ask_key, tell_key = jax.random.split(key, 3)
+    state, proposals = strategy.ask(space, state, ask_key, batch, it)
+    codes = nb201.path_codes(proposals.states)
     acc = accuracies[codes]
 
-    def record(state, x):  # in sample order: a new cell spends one unit of budget
-      seen, trace, count = state
+    def record(carry, x):  # in proposal order: a new cell spends one unit of budget
+      seen, trace, count = carry
       code, value = x
       new = ~seen[code] & (count < budget)
       best = jnp.where(count > 0, trace[jnp.maximum(count - 1, 0)], -jnp.inf)
@@ -159,81 +52,133 @@ def _search_one(key, accuracies, epsilons, budget, max_iterations, space,
       return (seen.at[code].set(seen[code] | new), trace, count + new), None
 
     (seen, trace, count), _ = jax.lax.scan(record, (seen, trace, count), (codes, acc))
-    q, memory = ql.learn(learn_key, q, memory, space, traj, acc / 100.0, config)
-    return key, q, memory, seen, trace, count, it + 1
+    state = strategy.tell(space, state, proposals, acc / 100.0, tell_key)
+    return key, state, seen, trace, count, it + 1
 
-  carry = (key, ql.init_q(space, config.q_init), ql.init_memory(space, config.memory_capacity),
-           jnp.zeros(nb201.NUM_CELLS, bool), jnp.full(trace_len, -jnp.inf, jnp.float32),
-           jnp.int32(0), jnp.int32(0))
-  _, _, _, _, trace, count, it = jax.lax.while_loop(cond, body, carry)
+  init_key, key = jax.random.split(key)
+  carry = (key, strategy.init(space, init_key, budget=budget), jnp.zeros(nb201.NUM_CELLS, bool),
+           jnp.full(trace_len, -jnp.inf, jnp.float32), jnp.int32(0), jnp.int32(0))
+  *_, trace, count, it = jax.lax.while_loop(cond, body, carry)
   return trace, count, it
 
 
-# Only what shapes the computation is static: ε, budget and cap are data, so the variants
-# of a sweep that share α/γ/replay/shaping share one compilation.
-@functools.partial(jax.jit, static_argnames=('config', 'batch', 'trace_len'))
-def _search_batch(keys, accuracies, epsilons, budget, max_iterations, space, config, batch,
+# Budgets, datasets and seeds are data: one compilation per strategy serves a whole sweep,
+# and every (dataset, budget, seed) search runs as one lane of a single vmapped loop.
+@functools.partial(jax.jit, static_argnames=('strategy', 'batch', 'trace_len'))
+def _search_lanes(keys, tables, dataset, budget, max_iterations, space, strategy, batch,
                   trace_len):
-  one = functools.partial(_search_one, config=config, batch=batch, trace_len=trace_len)
-  return jax.vmap(one, in_axes=(0, None, None, None, None, None))(
-      keys, accuracies, epsilons, budget, max_iterations, space)
+  def one(key, d, b, cap):
+    return _search_one(key, tables[d], b, cap, space, strategy, batch, trace_len)
+  return jax.vmap(one)(keys, dataset, budget, max_iterations)
 
 
 @dataclasses.dataclass(frozen=True)
-class QSearchResult:
-  """Q-learning searches over several seeds.
+class SearchResult:
+  """Searches over datasets, budgets and seeds.
 
   Attributes:
-    traces: ``(seeds, budget)`` best-so-far per distinct query; where a search hit the
-      iteration cap before spending its budget, its last best is carried forward.
-    queries: ``(seeds,)`` distinct cells actually queried (``< budget`` only at the cap).
-    iterations: ``(seeds,)`` agent iterations run.
+    traces: ``(datasets, budgets, seeds, max budget)`` best-so-far per distinct query; past
+      a search's budget, or where it hit the iteration cap before spending its budget, its
+      last best is carried forward.
+    queries: ``(datasets, budgets, seeds)`` distinct cells queried (``< budget`` only at the
+      cap).
+    iterations: ``(datasets, budgets, seeds)`` asks made.
   """
 
   traces: np.ndarray
   queries: np.ndarray
   iterations: np.ndarray
 
+  def best(self, budget_index: int, budget: int, dataset_index: int = 0) -> np.ndarray:
+    """``(seeds,)`` best accuracy within ``budget`` distinct cells of one run."""
+    return self.traces[dataset_index, budget_index, :, budget - 1]
 
-def qlearning_search_batch(accuracies: np.ndarray, budget: int, seeds: Sequence[int],
-                           params: QLearnerParams = QLearnerParams(),
-                           trace_len: int | None = None) -> QSearchResult:
-  """Runs one Q-learning search per seed, all in one jitted, vmapped call.
+
+def search_batch(strategy: st.Strategy, accuracies, budgets, seeds: Sequence[int],
+                 batch: int = 1, max_iterations_factor: int = 50) -> SearchResult:
+  """Runs one search per (dataset, budget, seed), all in one jitted, vmapped call.
 
   Args:
-    accuracies: ``(15625,)`` accuracies (percent) by cell code (``NB201Table.by_code``).
-    budget: distinct cells each search may query.
-    seeds: one search per seed.
-    params: the agent's settings.
-    trace_len: static trace buffer length (>= budget); pass the largest budget of a sweep
-      so that every budget reuses one compiled search.
+    strategy: any strategy (hashable: it is a static argument). Each search's budget is
+      also passed to ``strategy.init``, so budget-sized strategies size themselves to it.
+    accuracies: ``(15625,)`` or ``(datasets, 15625)`` accuracies (percent) by cell code
+      (``NB201Table.by_code``).
+    budgets: an int or a sequence: distinct cells each search may query.
+    seeds: one search per seed (its PRNG key is ``PRNGKey(seed)``, shared across datasets
+      and budgets).
+    batch: proposals per ask.
+    max_iterations_factor: cap on asks, as a multiple of ``ceil(budget / batch)`` (a search
+      whose proposals are all known cells would otherwise never end).
 
   Returns:
-    A ``QSearchResult``.
+    A ``SearchResult``; its leading axes are squeezed neither for one dataset nor budget.
   """
-  trace_len = budget if trace_len is None else trace_len
-  if not 1 <= budget <= min(trace_len, nb201.NUM_CELLS):
-    raise ValueError(f'budget {budget} must be in [1, min(trace_len={trace_len}, '
-                     f'{nb201.NUM_CELLS})]')
-  space = nb201.build_nb201_space()
-  # One ε buffer length per trace_len keeps budgets of a sweep on one compilation.
-  epsilons = params.epsilons(budget)
-  cap = epsilons.size  # this budget's iteration cap
-  longest = params.max_iterations_factor * params.planned_iterations(trace_len)
-  epsilons = np.pad(epsilons, (0, longest - cap), mode='edge')
-  keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(np.asarray(seeds, np.uint32)))
-  traces, queries, iterations = _search_batch(
-      keys, jnp.asarray(accuracies, jnp.float32), jnp.asarray(epsilons),
-      jnp.int32(budget), jnp.int32(cap), space, params.config,
-      params.blocks_per_iteration, trace_len)
-  traces, queries = np.asarray(traces)[:, :budget], np.asarray(queries)
-  filled = np.maximum.accumulate(traces, axis=1)  # carry the last best past an early stop
-  return QSearchResult(traces=filled, queries=queries, iterations=np.asarray(iterations))
+  tables = np.atleast_2d(np.asarray(accuracies, np.float32))
+  budgets = np.atleast_1d(np.asarray(budgets, np.int32))
+  if budgets.min() < 1 or budgets.max() > nb201.NUM_CELLS:
+    raise ValueError(f'budgets {budgets.tolist()} must be in [1, {nb201.NUM_CELLS}]')
+  seeds = np.asarray(seeds, np.uint32)
+  shape = (tables.shape[0], budgets.size, seeds.size)
+  dataset, budget_index, seed = (a.ravel() for a in np.indices(shape))
+  budget = budgets[budget_index]
+  caps = np.asarray([max_iterations_factor * st.planned_iterations(int(b), batch)
+                     for b in budget], np.int32)
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds[seed]))
+  trace_len = int(budgets.max())
+  traces, queries, iterations = _search_lanes(
+      keys, jnp.asarray(tables), jnp.asarray(dataset), jnp.asarray(budget), jnp.asarray(caps),
+      nb201.build_nb201_space(), strategy, batch, trace_len)
+  # Carry the last best past an early stop and past the budget.
+  traces = np.maximum.accumulate(np.asarray(traces), axis=1)
+  return SearchResult(traces=traces.reshape(*shape, trace_len),
+                      queries=np.asarray(queries).reshape(shape),
+                      iterations=np.asarray(iterations).reshape(shape))
 
 
-def qlearning_search(table: nb201.NB201Table, budget: int, seed: int,
-                     params: QLearnerParams = QLearnerParams(),
-                     dataset: str = 'cifar10') -> np.ndarray:
-  """One Q-learning search; returns its best-so-far trace, ``(queries,)`` (<= budget)."""
-  result = qlearning_search_batch(table.by_code(dataset), budget, [seed], params)
-  return result.traces[0, :int(result.queries[0])]
+def search(strategy: st.Strategy, table: nb201.NB201Table, budget: int, seed: int,
+           dataset: str = 'cifar10', batch: int = 1) -> np.ndarray:
+  """One search; returns its best-so-far trace, ``(queries,)`` (<= budget)."""
+  result = search_batch(strategy, table.by_code(dataset), budget, [seed], batch)
+  return result.traces[0, 0, 0, :int(result.queries[0, 0, 0])]
+
+
+# -- TPE (optional) ---------------------------------------------------------------------------
+
+def tpe_available() -> bool:
+  try:
+    import optuna  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  del optuna  # only its presence matters here
+  return True
+
+
+def tpe_search(accuracies: np.ndarray, budget: int, seed: int,
+               max_trials_factor: int = 20) -> np.ndarray:
+  """Optuna's ``TPESampler`` (default settings, seeded) until ``budget`` distinct cells.
+
+  Each edge is one categorical parameter over the 5 ops; a trial that repeats a known cell
+  gets its stored accuracy and costs nothing. Returns the best-so-far trace ``(budget,)``
+  (its last value carried forward if ``max_trials_factor * budget`` trials end it early).
+
+  Raises:
+    ImportError: Optuna is not installed (``pip install blockqnn_jax[bench]``).
+  """
+  import optuna  # pylint: disable=g-import-not-at-top
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  study = optuna.create_study(direction='maximize',
+                              sampler=optuna.samplers.TPESampler(seed=seed))
+  choices = list(range(nb201.NUM_OPS))
+  seen: dict[int, float] = {}
+  trace: list[float] = []
+  for _ in range(max_trials_factor * budget):
+    if len(seen) >= budget:
+      break
+    trial = study.ask()
+    ops = [trial.suggest_categorical(f'edge{e}', choices) for e in range(nb201.NUM_EDGES)]
+    code = nb201.cell_code(ops)
+    if code not in seen:
+      seen[code] = float(accuracies[code])
+      trace.append(max(trace[-1], seen[code]) if trace else seen[code])
+    study.tell(trial, seen[code])
+  return np.pad(np.asarray(trace), (0, budget - len(trace)), mode='edge')

@@ -1,15 +1,33 @@
 """Canonical forms of NSC blocks: one representative per network.
 
-Many NSC codes describe the same network. Two blocks are *equivalent* when their DAGs are
-isomorphic as labelled DAGs:
+Many NSC codes describe the same network. Two blocks get one key exactly when their
+*contracted* DAGs are isomorphic (as defined below), which implies that they compute the
+same function under the generator's rules (``blocks.BlockModule``), up to the order of the
+output's channels:
 
-* the nodes are the block input (a label of its own) and every non-terminal layer,
-  labelled by ``(type, kernel)``;
-* a one-input layer has one edge from its predecessor; add and concat have one edge from
-  each of their two predecessors, and the order of the two does not matter;
-* the numbering does not matter: any topological order of the same DAG is the same block;
-* the block output is the concatenation of the leaves, in no particular order, so it is
-  fixed by the DAG and needs no node of its own.
+1. **Identity-like layers are contracted.** The generator runs identity (type 4) and max or
+   average pooling with a 1x1 window (stride 1, SAME padding) as the tensor itself, so each
+   such layer — and each chain of them — is replaced by the tensor it reads: a layer that
+   read it reads that tensor, and where it was a leaf, that tensor goes to the output.
+2. The contracted DAG's nodes are the block input (a label of its own) and every remaining
+   non-terminal layer, labelled ``(type, kernel)``. A one-input layer has one edge from its
+   predecessor; add and concat have one from each of their two, in no order (the two are
+   different tensors in any block ``nsc.validate`` accepts; for other blocks the key simply
+   records both edges from the one tensor).
+3. The output is the *multiset* of tensors the original leaves carry after contraction
+   (concatenated in no particular order): a tensor reaching the output through two
+   identity leaves is concatenated twice, and the input can be part of the output.
+4. The numbering does not matter: any topological order of the same DAG is the same block.
+
+Nothing else is identified: functions that merely happen to agree (an add of a tensor with
+itself, the same conv stacks in a different parameterisation, pooling of pooling) keep
+distinct keys, and the Q-learner still searches over the raw NSC codes.
+
+The canonical block writes the contracted DAG as a valid NSC: its remaining layers, then
+one identity leaf per output occurrence of each tensor that is not, once, a leaf of the
+contracted DAG (a tensor consumed elsewhere, the input, or one output more than once),
+then the terminal. It never has more layers than the block it came from, and it computes the same
+function (its leaves carry the same multiset of tensors).
 
 ``canonical_block`` picks one representative per class with the individualization-refinement
 scheme of nauty (McKay & Piperno, "Practical graph isomorphism, II", 2014), specialised to
@@ -41,23 +59,95 @@ from blockqnn_jax import nsc
 _INPUT_TYPE = 0
 
 
-def canonical_block(block: nsc.Block) -> nsc.Block:
-  """An equivalent block in canonical form.
+def is_identity_like(layer: nsc.Layer) -> bool:
+  """Whether the generator runs ``layer`` as the tensor it reads (identity, 1x1 pooling)."""
+  return (layer.type == nsc.LayerType.IDENTITY
+          or (layer.type in (nsc.LayerType.MAX_POOL, nsc.LayerType.AVG_POOL)
+              and layer.kernel == 1))
 
-  The canonical block numbers the layers by canonical rank (so equivalent blocks give equal
-  blocks), writes add/concat predecessors in ascending order and ends with the terminal.
+
+def contract_identities(block: nsc.Block) -> nsc.Block:
+  """The block with identity-like layers contracted (see the module docstring).
+
+  The remaining layers keep their order and are renumbered 1, 2, ...; then come the
+  identity layers that write the output's extra occurrences, then the terminal. Blocks
+  without identity-like layers come back as they are (with their terminal renumbered).
+
+  Args:
+    block: a block whose layers are numbered 1, 2, ... and read only earlier layers.
+
+  Raises:
+    NSCError: if the layers are not numbered consecutively or read a later layer.
+  """
+  _check_numbering(block)
+  root = {0: 0}  # layer index -> the index of the tensor it outputs
+  new_index = {0: 0}
+  twin: dict[int, int] = {}  # tensor -> the identity of it that self-merges read
+  layers = []
+  for layer in block.body:
+    if is_identity_like(layer):
+      root[layer.index] = root[layer.pred1]
+      continue
+    root[layer.index] = layer.index
+    preds = [new_index[root[p]] for p in layer.preds] + [0] * (2 - len(layer.preds))
+    if len(layer.preds) == 2 and preds[0] == preds[1]:
+      # A merge of one tensor with itself through identity-like layers (add: 2x): one
+      # explicit identity of that tensor, shared by all such merges, stands for every
+      # spelling of the second operand, so the contracted block stays a valid NSC no
+      # longer than the block (which had at least one identity-like layer there).
+      if preds[0] not in twin:
+        layers.append(nsc.Layer(len(layers) + 1, nsc.LayerType.IDENTITY, 0, preds[0], 0))
+        twin[preds[0]] = len(layers)
+      preds[1] = twin[preds[0]]
+    new_index[layer.index] = len(layers) + 1
+    layers.append(nsc.Layer(len(layers) + 1, layer.type, layer.kernel, *preds))
+  consumed = {p for layer in layers for p in layer.preds}
+  outputs: dict[int, int] = {}
+  for leaf in block.leaves():
+    target = new_index[root[leaf]]
+    outputs[target] = outputs.get(target, 0) + 1
+  for target in sorted(outputs):
+    # A leaf of the contracted DAG carries its one occurrence itself; any other count, or
+    # a tensor consumed elsewhere (or the input), is written as that many identity leaves
+    # (an identity reading a leaf would make it a leaf no more).
+    if outputs[target] == 1 and target != 0 and target not in consumed:
+      continue
+    for _ in range(outputs[target]):
+      layers.append(nsc.Layer(len(layers) + 1, nsc.LayerType.IDENTITY, 0, target, 0))
+  layers.append(nsc.Layer(len(layers) + 1, nsc.LayerType.TERMINAL))
+  return nsc.Block(tuple(layers))
+
+
+def _check_numbering(block: nsc.Block) -> None:
+  for position, layer in enumerate(block.body, start=1):
+    if layer.index != position:
+      raise nsc.NSCError(f'index {layer.index} out of sequence (expected {position})',
+                         layer=layer.index, rule='consecutive')
+    if any(p < 0 or p >= layer.index for p in layer.preds):
+      raise nsc.NSCError(f'predecessors {layer.preds} must name earlier layers',
+                         layer=layer.index, rule='pred_order')
+
+
+def canonical_block(block: nsc.Block) -> nsc.Block:
+  """The canonical representative of ``block``'s class (see the module docstring).
+
+  Identity-like layers are contracted (``contract_identities``); the canonical block then
+  numbers the layers by canonical rank (so equivalent blocks give equal blocks), writes
+  add/concat predecessors in ascending order and ends with the terminal.
 
   Args:
     block: a block whose layers are numbered 1, 2, ... and read only earlier layers (any
       block that passes ``nsc.validate``).
 
   Returns:
-    The canonical representative of ``block``'s equivalence class.
+    The canonical representative of ``block``'s equivalence class: a block that computes
+    the same function, valid under any grammar ``block`` is valid under that allows
+    identity layers.
 
   Raises:
     NSCError: if the layers are not numbered consecutively or read a later layer.
   """
-  graph = _Graph.from_block(block)
+  graph = _Graph.from_block(contract_identities(block))
   colour = _Canonizer(graph).run()
   order = [0] * graph.size
   for vertex, c in enumerate(colour):
@@ -74,14 +164,14 @@ def canonical_block(block: nsc.Block) -> nsc.Block:
 
 
 def canonical_key(block: nsc.Block) -> str:
-  """A string equal for equivalent blocks and different otherwise (no hashing)."""
+  """A string equal for equivalent blocks and different otherwise (no hashing): the text
+  of ``canonical_block``. Blocks that differ only by identity-like layers (identity, 1x1
+  max/avg pooling) share it; see the module docstring for exactly what is identified."""
   return canonical_block(block).to_text()
 
 
 def is_equivalent(a: nsc.Block, b: nsc.Block) -> bool:
-  """Whether ``a`` and ``b`` describe the same network (isomorphic labelled DAGs)."""
-  if len(a.body) != len(b.body):
-    return False  # cheap reject before canonizing either
+  """Whether ``a`` and ``b`` describe the same network (isomorphic contracted DAGs)."""
   return canonical_key(a) == canonical_key(b)
 
 

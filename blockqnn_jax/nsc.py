@@ -20,7 +20,11 @@ block's input. The last layer is the terminal, whose index is at most ``Grammar.
 
 * ``pred2 = 0`` on add/concat means the block input (exactly as ``pred1 = 0`` does), so an
   add/concat is only rejected as "missing its second predecessor" when both predecessors
-  name the same tensor: merging a tensor with itself is not a merge.
+  name the same tensor: merging a tensor with itself is not a merge. A tensor read through
+  identity-like layers (identity, 1x1 pooling) counts as another tensor here, so
+  ``add(x, identity(x))`` is a block (it computes 2x): rejecting it would make about 44% of
+  the paper agent's ε = 1 samples at T = 23 invalid, since a per-layer state cannot see it
+  coming. ``canonical`` identifies such blocks with their identity-free equivalents.
 * The block output is the channel concatenation of the *leaves*: every non-terminal layer
   that no other layer consumes.
 * Density is edges / nodes of the block's DAG, whose nodes are the input, every

@@ -45,6 +45,11 @@ class QLearningConfig:
     replay_size: (block, reward) pairs replayed after each iteration (MetaQNN: 128).
     memory_capacity: most pairs the replay memory keeps; the oldest are overwritten
       once it is full. The default holds a whole paper-scale search (11,392 blocks).
+    monotone: beyond the paper (False is the paper's update): never lower a Q value,
+      ``Q ← max(Q, (1-α)·Q + α·target)``. With α = 1, γ = 1 and reward shaping, each
+      Q(s_t, a_t) then keeps the best shaped return seen through it, so the greedy block is
+      the best block found so far (without shaping only the last step tells blocks apart,
+      and the greedy block is a random splice ending like the best one).
   """
 
   alpha: float = 0.01
@@ -53,6 +58,7 @@ class QLearningConfig:
   reward_shaping: bool = True
   replay_size: int = 128
   memory_capacity: int = 16384
+  monotone: bool = False
 
 
 @flax.struct.dataclass
@@ -187,6 +193,8 @@ def _q_update(q: jnp.ndarray, space: SearchSpace, trajectories: Trajectories,
       else:
         next_value = jnp.where(terminal_next[t], 0.0, jnp.maximum(rest_max[t], new[t + 1]))
       new[t] = (1.0 - config.alpha) * old[t] + config.alpha * (r[t] + config.gamma * next_value)
+      if config.monotone:
+        new[t] = jnp.maximum(old[t], new[t])
     return q.at[s, action].set(jnp.where(valid, jnp.stack(new), old)), None
 
   q, _ = jax.lax.scan(one_block, q, _transitions(space, trajectories, rewards, config))

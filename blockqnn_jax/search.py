@@ -35,6 +35,7 @@ from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import results
 from blockqnn_jax import space as space_lib
+from blockqnn_jax import strategies
 from blockqnn_jax import settings as settings_lib
 from blockqnn_jax import store as store_lib
 from blockqnn_jax import workdir_lock
@@ -196,24 +197,24 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
   store = store_lib.ResultsStore(workdir)
   check_config(store, settings, allow_config_change)
   space = space_lib.build_space(settings.space)
-  agent = settings.agent
+  strategy = make_strategy(settings)
   schedule = settings.search.schedule
   batch = settings.search.blocks_per_iteration
   staleness = settings.search.max_staleness
   failed_reward = settings.search.failed_reward
   base_key = jax.random.PRNGKey(settings.seed)
+  budget = schedule.num_iterations * batch
 
   saved = store.load_agent()
   if saved is None:
     first_iteration = 0
-    q = ql.init_q(space, agent.q_init)
-    memory = ql.init_memory(space, agent.memory_capacity)
+    state = strategy.init(space, jax.random.fold_in(base_key, _INIT_STREAM), budget)
   else:
     first_iteration, arrays = saved
-    q = jnp.asarray(arrays['q'])
-    memory = ql.ReplayMemory(*(jnp.asarray(arrays[f'memory_{f.name}'])
-                               for f in dataclasses.fields(ql.ReplayMemory)))
+    state = restore_strategy_state(strategy, space, arrays, budget)
     logging.info('resuming %s at iteration %d', store.path, first_iteration)
+  # The one iteration that may have been asked after the last save (see ``begin``).
+  asked_after_save = first_iteration + staleness
 
   last = schedule.num_iterations
   if max_iterations is not None:
@@ -237,16 +238,25 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
 
   def begin(index: int, submit: bool) -> None:
     """Samples iteration ``index`` (or reloads what it sampled) and sends out its blocks."""
-    epsilon = float(ql.epsilon_at(schedule, index))
+    nonlocal state
+    epsilon = proposal_epsilon(strategy, state, index, batch)
     sample_key, replay_key = jax.random.split(jax.random.fold_in(base_key, index))
     stored = store.load_sampled(index)
     if stored is None:
-      trajectories = ql.sample_blocks(sample_key, q, space, epsilon, batch)
-      store.save_sampled(index, {'states': trajectories.states,
-                                 'lengths': trajectories.lengths})
+      asked, trajectories = strategy.ask(space, state, sample_key, batch, index)
+      arrays = {'states': trajectories.states, 'lengths': trajectories.lengths}
+      if asked is not state:  # an ask that moves the strategy: keep where it moved to
+        arrays.update({f'state.{k}': v for k, v in strategies.state_arrays(asked).items()})
+      store.save_sampled(index, arrays)
+      state = asked
     else:
       trajectories = ql.Trajectories(jnp.asarray(stored['states']),
                                      jnp.asarray(stored['lengths']))
+      # Iterations up to first_iteration + S - 1 were asked before the saved state was
+      # learned, so it holds their asks; the next one was asked after: restore its ask.
+      if index == asked_after_save and any(k.startswith('state.') for k in stored):
+        state = strategies.restore_state(strategy, space, {
+            k[len('state.'):]: v for k, v in stored.items() if k.startswith('state.')})
     if not submit:  # beyond this call's last iteration: sampled for the resumption only
       return
     blocks = space.decode_batch(np.asarray(trajectories.states))
@@ -302,11 +312,8 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
       del pending[learned]
       rewards = np.asarray([r.reward if r.ok else failed_reward for r in it.results],
                            np.float32)
-      q, memory = ql.learn(it.replay_key, q, memory, space, it.trajectories,
-                           jnp.asarray(rewards), agent)
-      store.save_agent(learned + 1, {
-          'q': q, **{f'memory_{f.name}': getattr(memory, f.name)
-                     for f in dataclasses.fields(ql.ReplayMemory)}})
+      state = strategy.tell(space, state, it.trajectories, jnp.asarray(rewards), it.replay_key)
+      store.save_agent(learned + 1, strategies.state_arrays(state))
       best = store.best()
       elapsed_h = (time.perf_counter() - start) / 3600
       per_hour = finished_here / elapsed_h if elapsed_h else 0.0
@@ -335,6 +342,46 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
       trained_failed=store.count("WHERE cached = 0 AND status = 'failed'"))
   store.close()
   return summary
+
+
+# fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).
+_INIT_STREAM = 2**31 - 1
+
+
+def make_strategy(settings: SearchSettings) -> strategies.Strategy:
+  """The strategy ``settings.search.strategy`` names, with its settings."""
+  loop, agent = settings.search, settings.agent
+  if loop.strategy == 'qlearning':
+    return strategies.QLearner(
+        config=agent.qlearning, schedule=loop.schedule,
+        budget=(loop.schedule.num_iterations * loop.blocks_per_iteration
+                if agent.budget_sized else None),
+        exploration=agent.exploration, mutation_rate=agent.mutation_rate or None,
+        max_mutations=agent.max_mutations, avoid_repeats=agent.avoid_repeats,
+        max_resamples=agent.max_resamples, restart=agent.restart)
+  if loop.strategy == 'evolution':
+    return strategies.AgingEvolution(population=loop.population, sample=loop.tournament)
+  return strategies.make_strategy(loop.strategy)
+
+
+def proposal_epsilon(strategy, state, iteration: int, n: int) -> float:
+  """What the ε column records: the Q-learner's ε; 1 for random search (all exploration)
+  and 0 for evolution and local search (they exploit a population or an incumbent)."""
+  if isinstance(strategy, strategies.QLearner):
+    return float(strategy.epsilon(state, iteration, n))
+  return 1.0 if isinstance(strategy, strategies.RandomSearch) else 0.0
+
+
+def restore_strategy_state(strategy, space, arrays, budget: int):
+  """The saved strategy state; a workdir from before strategies existed saved the
+  Q-learner as ``q`` and ``memory_<field>``, and resumes as that agent."""
+  if 'memory_states' in arrays and isinstance(strategy, strategies.QLearner):
+    fresh = strategies.state_arrays(strategy.init(space, jax.random.PRNGKey(0), budget))
+    fresh.update({'q': arrays['q'], **{
+        f'memory.{k[len("memory_"):]}': v for k, v in arrays.items()
+        if k.startswith('memory_')}})
+    arrays = fresh
+  return strategies.restore_state(strategy, space, arrays)
 
 
 class _FailureWatch:

@@ -154,6 +154,67 @@ class DataSettings:
            self.decode_threads)
 
 
+STRATEGIES = ('qlearning', 'random', 'evolution', 'local_search')
+EXPLORATIONS = ('epsilon', 'mutation')
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+  """The Q-learning agent: the paper's hyper-parameters (``qlearning.QLearningConfig``) and,
+  beyond the paper, what makes it learn within a few hundred candidates (each field off by
+  default, so the defaults are the paper's agent bit for bit; ``configs/cifar.py:cpu`` turns
+  them on; ``benchmarks/nb201.py`` has an ablation of each).
+
+  Attributes:
+    alpha, gamma, q_init, reward_shaping, replay_size, memory_capacity: see
+      ``qlearning.QLearningConfig`` (``replay_size=0``: no replay).
+    budget_sized: stretch the ε schedule's phases over the search's budget of distinct
+      blocks (iterations × blocks per iteration), so a short search gets a short random
+      phase however its iterations are cut.
+    exploration: 'epsilon' (the paper: every step ε-greedy on its own) or 'mutation' (with
+      probability ε a random block, otherwise the greedy block with about
+      ``mutation_rate`` one-layer mutations, as evolution and local search explore).
+    mutation_rate, max_mutations: the mean number of mutations per draw (Poisson) and its
+      cap; ``mutation_rate=0``: as few mutations as give an untried block (see
+      ``strategies.QLearner``).
+    avoid_repeats: redraw (up to ``max_resamples`` times) a proposal already trained.
+    max_resamples: redraws per proposal.
+    monotone: never lower a Q value (with α = 1 each Q is the best reward through it).
+    restart: at a local optimum (nothing new within one mutation of the greedy block),
+      reset Q and propose random blocks, as local search restarts.
+  """
+
+  alpha: float = 0.01
+  gamma: float = 1.0
+  q_init: float = 0.5
+  reward_shaping: bool = True
+  replay_size: int = 128
+  memory_capacity: int = 16384
+  budget_sized: bool = False
+  exploration: str = 'epsilon'
+  mutation_rate: float = 0.0
+  max_mutations: int = 3
+  avoid_repeats: bool = False
+  max_resamples: int = 0
+  monotone: bool = False
+  restart: bool = False
+
+  def __post_init__(self):
+    _check(0 < self.alpha <= 1, 'agent.alpha', 'must be in (0, 1]', self.alpha)
+    _check(0 <= self.gamma <= 1, 'agent.gamma', 'must be in [0, 1]', self.gamma)
+    _check(self.replay_size >= 0, 'agent.replay_size', 'must be >= 0', self.replay_size)
+    _check(self.memory_capacity >= 1, 'agent.memory_capacity', 'must be >= 1',
+           self.memory_capacity)
+    _one_of(self.exploration, EXPLORATIONS, 'agent.exploration')
+    for name in ('mutation_rate', 'max_mutations', 'max_resamples'):
+      _check(getattr(self, name) >= 0, f'agent.{name}', 'must be >= 0', getattr(self, name))
+
+  @property
+  def qlearning(self) -> ql.QLearningConfig:
+    return ql.QLearningConfig(self.alpha, self.gamma, self.q_init, self.reward_shaping,
+                              self.replay_size, self.memory_capacity, self.monotone)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
   """The search loop: how many blocks, at which ε, how asynchronously.
@@ -165,6 +226,12 @@ class LoopSettings:
       workers are not idle while an iteration's slowest candidate finishes; 0 = the paper's
       strict iterations.
     failed_reward: the reward the agent learns for a failed candidate.
+    strategy: how blocks are proposed: 'qlearning' (the paper's agent, ``agent``), 'random'
+      (uniform legal blocks: the paper's baseline), 'evolution' (aging evolution), or
+      'local_search' (one-layer neighbours of the incumbent). The ε schedule sets every
+      strategy's length; the ε column records 1 for random and 0 for evolution and local
+      search (they exploit a population or an incumbent).
+    population, tournament: aging evolution's P and S.
     stop_after_failures: stop the search (with the reason, non-zero exit) when this many
       candidates in a row failed for the same reason that is not a fact about the block
       (out of memory, an error, a lost worker: see ``results.PERMANENT_FAILURES``), instead
@@ -175,6 +242,9 @@ class LoopSettings:
   epsilon_schedule: tuple[tuple[float, int], ...] = ql.PAPER_EPSILON_SCHEDULE
   max_staleness: int = 0
   failed_reward: float = 0.0
+  strategy: str = 'qlearning'
+  population: int = 10
+  tournament: int = 3
   stop_after_failures: int = 10
 
   def __post_init__(self):
@@ -186,6 +256,9 @@ class LoopSettings:
            self.max_staleness)
     _check(self.stop_after_failures >= 0, 'search.stop_after_failures', 'must be >= 0',
            self.stop_after_failures)
+    _one_of(self.strategy, STRATEGIES, 'search.strategy')
+    _check(1 <= self.tournament <= self.population, 'search.tournament',
+           f'must be in [1, population={self.population}]', self.tournament)
     _check(bool(schedule), 'search.epsilon_schedule', 'must not be empty', schedule)
     for e, n in schedule:
       _check(0.0 <= e <= 1.0, 'search.epsilon_schedule', 'needs every ε in [0, 1]', schedule)
@@ -236,18 +309,24 @@ class ExecutorSettings:
     kind: 'local' (this machine's devices) or 'ray' (worker actors of a Ray cluster).
     devices_per_candidate: > 1 trains each candidate data-parallel over a device group.
     compile_ahead: compile a group's next candidate while it trains the current one.
+    workers_per_device: > 1 runs that many workers on each device group (each with its own
+      copy of the data), so more host cores compile while the device trains: for GPUs on
+      which a candidate compiles for longer than it trains.
     ray: the Ray executor's settings.
   """
 
   kind: str = 'local'
   devices_per_candidate: int = 1
   compile_ahead: bool = True
+  workers_per_device: int = 1
   ray: RaySettings = RaySettings()
 
   def __post_init__(self):
     _one_of(self.kind, EXECUTOR_KINDS, 'executor.kind')
     _check(self.devices_per_candidate >= 1, 'executor.devices_per_candidate', 'must be >= 1',
            self.devices_per_candidate)
+    _check(self.workers_per_device >= 1, 'executor.workers_per_device', 'must be >= 1',
+           self.workers_per_device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +335,7 @@ class SearchSettings:
 
   seed: int = 0
   space: nsc.Grammar = nsc.Grammar()
-  agent: ql.QLearningConfig = ql.QLearningConfig()
+  agent: AgentSettings = AgentSettings()
   search: LoopSettings = LoopSettings()
   network: NetworkSettings = NetworkSettings()
   data: DataSettings = DataSettings()

@@ -2,10 +2,11 @@
 
   --config=configs/cifar.py          the paper's search (reconstructed values marked below)
   --config=configs/cifar.py:smoke    the same program sized for a 2-core CPU
+  --config=configs/cifar.py:cpu      Q-learning vs random search on real images in ~20 min
   --config.space.max_index=11        any field can be overridden on the command line
 
-Each section mirrors a dataclass of the library, so ``nsc.Grammar(**config.space)`` and
-``qlearning.QLearningConfig(**config.agent)`` build the pure objects from it.
+Each section mirrors a dataclass of ``blockqnn_jax.settings`` (``space`` is ``nsc.Grammar``),
+where the defaults live; ``SearchSettings.from_config(config)`` builds and checks them once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from blockqnn_jax.qlearning import PAPER_EPSILON_SCHEDULE
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config of ``preset``: '' or 'paper' (default) or 'smoke'."""
+  """Returns the config of ``preset``: '' or 'paper' (default), 'smoke' or 'cpu'."""
   preset = preset or 'paper'
   config = ml_collections.ConfigDict()
   config.preset = preset
@@ -33,6 +34,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # The Q-learning agent (qlearning.QLearningConfig): α, γ and Q's start as in MetaQNN.
+  # Beyond the paper (settings.AgentSettings), off here: budget_sized ... restart.
   config.agent = ml_collections.ConfigDict(dict(
       alpha=0.01,
       gamma=1.0,
@@ -40,6 +42,14 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       reward_shaping=True,
       replay_size=128,
       memory_capacity=16384,
+      budget_sized=False,
+      exploration='epsilon',
+      mutation_rate=0.0,
+      max_mutations=3,
+      avoid_repeats=False,
+      max_resamples=0,
+      monotone=False,
+      restart=False,
   ))
 
   # (ε, iterations at it): BlockQNN's 178 iterations of 64 blocks.
@@ -51,6 +61,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       epsilon_schedule=PAPER_EPSILON_SCHEDULE,
       max_staleness=0,
       failed_reward=0.0,
+      # 'qlearning' (the paper's agent), 'random', 'evolution' or 'local_search'.
+      strategy='qlearning',
+      population=10,  # evolution's P
+      tournament=3,  # evolution's S
+      stop_after_failures=10,  # this many failures in a row for one reason stop the search
   ))
 
   # The network a candidate block is stacked into during the search: stem, three stages of
@@ -108,6 +123,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       kind='local',
       devices_per_candidate=1,  # >1: each candidate data-parallel over a device group
       compile_ahead=True,
+      workers_per_device=1,  # >1: more workers (compiling on host threads) per device
       ray=dict(
           address='',  # '' starts Ray on this machine; 'auto' joins `ray start`'s cluster
           num_workers=0,  # 0 = one per GPU (or per cpus_per_worker CPUs), growing with nodes
@@ -137,6 +153,33 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.train.epochs = 3
     config.train.batch_size = 64
     config.train.eval_batch_size = 200
+  elif preset == 'cpu':
+    # The paper's Q-learning-vs-random comparison at a size a 2-core CPU runs in about 20
+    # minutes per search: a small space, 80 proposals on the CIFAR-10 exact subset
+    # (--config.data.path=PATH/cifar10-exact-subset.npz), one epoch of a tiny network each.
+    # The agent is the fast one (beyond the paper; strategies.fast_qlearner, tuned on
+    # NAS-Bench-201): a random phase of 10% of the budget, then the greedy block with one
+    # layer changed, never a block already tried, a restart at a local optimum; α = 1 with
+    # the monotone update (Q keeps the best reward seen through each step), Q from 0, no
+    # replay. --config.search.strategy=random runs the paper's baseline on the same budget.
+    config.space.max_index = 5
+    config.space.conv_kernels = (1, 3)
+    config.agent.update(dict(alpha=1.0, q_init=0.0, reward_shaping=True, replay_size=0,
+                             monotone=True, budget_sized=True, exploration='mutation',
+                             mutation_rate=0.0, max_mutations=1, avoid_repeats=True,
+                             max_resamples=16, restart=True))
+    config.search.blocks_per_iteration = 8
+    config.search.epsilon_schedule = ((1.0, 1), (0.0, 9))
+    config.network.num_blocks = 1
+    config.network.features = 8
+    config.network.num_classes = 10
+    config.data.source = 'npz'
+    config.data.name = 'cifar10'
+    config.data.validation_size = 1000
+    config.data.max_train = 2000
+    config.train.epochs = 1
+    config.train.batch_size = 64
+    config.train.eval_batch_size = 500
   elif preset != 'paper':
-    raise ValueError(f'unknown preset {preset!r}: use "paper" or "smoke"')
+    raise ValueError(f'unknown preset {preset!r}: use "paper", "smoke" or "cpu"')
   return config

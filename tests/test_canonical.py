@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -31,14 +33,30 @@ def _blk(*layers) -> nsc.Block:
   return nsc.validate(nsc.Block.from_tuples(rows), nsc.Grammar(max_index=64))
 
 
-def _digraph(block: nsc.Block) -> nx.DiGraph:
-  """The block's labelled DAG as the brief defines equivalence on it."""
-  graph = nx.DiGraph()
+def _digraph(block: nsc.Block) -> nx.MultiDiGraph:
+  """The block's contracted DAG as the module docstring defines equivalence on it.
+
+  Written independently of ``canonical``: identity-like layers (identity, 1x1 pooling) are
+  bypassed, and an explicit output node gets one edge per leaf, from the tensor the leaf
+  carries (so multiplicities count).
+  """
+  def identity_like(layer):
+    return layer.type == 4 or (layer.type in (2, 3) and layer.kernel == 1)
+
+  graph = nx.MultiDiGraph()
   graph.add_node(0, label='input')
+  graph.add_node('out', label='output')
+  tensor = {0: 0}
   for layer in block.body:
+    if identity_like(layer):
+      tensor[layer.index] = tensor[layer.pred1]
+      continue
+    tensor[layer.index] = layer.index
     graph.add_node(layer.index, label=(layer.type, layer.kernel))
     for pred in layer.preds:
-      graph.add_edge(pred, layer.index)
+      graph.add_edge(tensor[pred], layer.index)
+  for leaf in block.leaves():
+    graph.add_edge(tensor[leaf], 'out')
   return graph
 
 
@@ -127,8 +145,9 @@ def test_canonical_numbering_is_by_depth_with_sorted_merge_preds(block):
   for layer in canon.body:
     if layer.type in nsc.MERGE_TYPES:
       assert layer.pred1 < layer.pred2
-  assert canon.depth() == block.depth()
-  assert len(canon.leaves()) == len(block.leaves())
+  contracted = canonical.contract_identities(block)
+  assert canon.depth() == contracted.depth()
+  assert len(canon.leaves()) == len(contracted.leaves()) == len(block.leaves())
 
 
 # -- examples ------------------------------------------------------------------------------
@@ -143,8 +162,9 @@ def test_hand_computed_canonical_form():
 def test_residual_block_with_swapped_add_preds():
   swapped = nsc.Block.parse('1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,3,1 5,7,0,0,0')
   assert canonical.canonical_key(swapped) == canonical.canonical_key(nsc.RESIDUAL_BLOCK)
-  # Already in canonical order: depths 1, 2, 3, 4.
-  assert canonical.canonical_block(swapped) == nsc.RESIDUAL_BLOCK
+  # The identity is contracted: the add reads the input itself.
+  assert canonical.canonical_block(swapped) == nsc.Block.parse(
+      '1,1,3,0,0 2,1,3,1,0 3,5,0,0,2 4,7,0,0,0')
 
 
 def test_inception_block_renumbered():
@@ -283,3 +303,125 @@ def test_malformed_blocks_raise():
   with pytest.raises(nsc.NSCError) as info:
     canonical.canonical_block(nsc.Block.parse('1,1,3,0,0 3,1,3,1,0 4,7,0,0,0'))
   assert (info.value.layer, info.value.rule) == (3, 'consecutive')
+
+
+# -- identity-like layers ------------------------------------------------------------------
+
+# Identity and both 1x1 poolings, beside 3x3 pooling (not identity-like) and convs.
+IDENTITY_GRAMMAR = nsc.Grammar(max_index=8, conv_kernels=(1, 3), max_pool_kernels=(1, 3),
+                               avg_pool_kernels=(1, 3))
+IDENTITY_LIKE = ((4, 0), (2, 1), (3, 1))
+
+
+@st.composite
+def _with_identity_inserted(draw, block: nsc.Block) -> nsc.Block:
+  """``block`` with one more identity-like layer u reading some tensor v, and a non-empty
+  subset of v's consumers reading u instead (or, where v is a leaf, u as the new leaf):
+  the same function, one layer longer."""
+  consumers = block.consumers()
+  v = draw(st.sampled_from(sorted(consumers)))
+  readers = list(consumers[v])
+  if not readers and v == 0:
+    return block
+  moved = set(draw(st.lists(st.sampled_from(readers), min_size=1, unique=True))) if readers \
+      else set()
+  shift = lambda p: p + 1 if p > v else p  # layers after v move up one index
+  layers = [l for l in block.body if l.index <= v]
+  kind, kernel = draw(st.sampled_from(IDENTITY_LIKE))
+  layers.append(nsc.Layer(v + 1, kind, kernel, v, 0))
+  for layer in block.body:
+    if layer.index <= v:
+      continue
+    preds = [v + 1 if p == v and layer.index in moved else shift(p) for p in layer.preds]
+    if layer.index in moved and len(preds) == 2 and preds[0] == preds[1] == v + 1:
+      preds[1] = v  # a merge reading v twice is not valid anyway; keep one operand on v
+    preds += [0] * (2 - len(preds))
+    layers.append(nsc.Layer(layer.index + 1, layer.type, layer.kernel, *preds))
+  layers.append(nsc.Layer(len(layers) + 1, nsc.LayerType.TERMINAL))
+  return nsc.Block(tuple(layers))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_identity_like_layers_do_not_change_the_key(data):
+  block = data.draw(valid_blocks(IDENTITY_GRAMMAR, max_layers=5))
+  other = block
+  for _ in range(data.draw(st.integers(1, 2))):
+    other = data.draw(_with_identity_inserted(other))
+  other = data.draw(renumberings(other))
+  nsc.validate(other, nsc.Grammar(max_index=16))
+  assert canonical.canonical_key(other) == canonical.canonical_key(block)
+  assert _isomorphic(other, block)
+
+
+def _evaluate(block: nsc.Block, x: np.ndarray, features: int = 4) -> list[tuple]:
+  """The block's output as a multiset of leaf tensors, each a multiset of channel values.
+
+  Every label gets one fixed function, and every function reads its input's channels as a
+  multiset, since equivalence is up to channel order (concat's operands are unordered):
+  conv k is tanh(W_{k,width} sort(x)), 3x3 max/avg pooling fixed elementwise maps,
+  identity and 1x1 pooling the tensor itself, add sums its operands (each projected by
+  tanh(P_width sort(v)) when not ``features`` wide), concat concatenates.
+  """
+  def weights(*key):
+    return np.random.default_rng(abs(hash(key)) % 2**32).normal(size=(features, key[-1]))
+
+  nodes = {0: x}
+  for layer in block.body:
+    a = nodes[layer.pred1]
+    if layer.type == 1:
+      out = np.tanh(weights('conv', layer.kernel, a.size) @ np.sort(a))
+    elif layer.type in (2, 3) and layer.kernel != 1:
+      out = np.maximum(a, 0.1) + 0.3 if layer.type == 2 else 0.5 * a + 0.1
+    elif layer.type in (2, 3, 4):
+      out = a
+    elif layer.type == 6:
+      out = np.concatenate([a, nodes[layer.pred2]])
+    else:  # F-wide tensors (convs, adds, pools of them) are never concats: 3 + 3 > F
+      ops = [v if v.size == features else np.tanh(weights('proj', v.size) @ np.sort(v))
+             for v in (a, nodes[layer.pred2])]
+      out = ops[0] + ops[1]
+    nodes[layer.index] = out
+  return sorted(tuple(np.sort(np.round(nodes[i], 9))) for i in block.leaves())
+
+
+@settings(max_examples=200, deadline=None)
+@given(valid_blocks(IDENTITY_GRAMMAR))
+def test_canonical_block_computes_the_same_function(block):
+  x = np.random.default_rng(0).normal(size=3)
+  canon = canonical.canonical_block(block)
+  assert _evaluate(canon, x) == _evaluate(block, x)
+  assert len(canon.layers) <= len(block.layers)
+  nsc.validate(canon, IDENTITY_GRAMMAR)
+
+
+@pytest.mark.parametrize('a,b,same', [
+    # max_pool 1x1, avg_pool 1x1 and identity are all the tensor itself.
+    ('1,2,1,0,0 2,7,0,0,0', '1,3,1,0,0 2,7,0,0,0', True),
+    ('1,2,1,0,0 2,7,0,0,0', '1,4,0,0,0 2,7,0,0,0', True),
+    ('1,2,1,0,0 2,1,3,1,0 3,7,0,0,0', '1,1,3,0,0 2,7,0,0,0', True),
+    ('1,1,3,0,0 2,3,1,1,0 3,4,0,2,0 4,7,0,0,0', '1,1,3,0,0 2,7,0,0,0', True),
+    # An identity leaf reading a consumed tensor puts that tensor in the output...
+    ('1,1,3,0,0 2,4,0,0,0 3,7,0,0,0', '1,1,3,0,0 2,7,0,0,0', False),
+    # ... and two identity leaves of one tensor output it twice.
+    ('1,1,3,0,0 2,4,0,1,0 3,4,0,1,0 4,7,0,0,0', '1,1,3,0,0 2,4,0,1,0 3,7,0,0,0', False),
+    # 3x3 pooling is not identity-like.
+    ('1,2,3,0,0 2,1,3,1,0 3,7,0,0,0', '1,1,3,0,0 2,7,0,0,0', False),
+    ('1,2,3,0,0 2,7,0,0,0', '1,3,3,0,0 2,7,0,0,0', False),
+])
+def test_identity_like_examples(a, b, same):
+  a, b = nsc.Block.parse(a), nsc.Block.parse(b)
+  assert (canonical.canonical_key(a) == canonical.canonical_key(b)) == same
+  assert _isomorphic(a, b) == same
+  x = np.random.default_rng(1).normal(size=3)
+  assert (_evaluate(a, x) == _evaluate(b, x)) == same
+
+
+def test_a_merge_through_identities_keys_with_its_equivalents():
+  # add(x, identity(x)) is a block (2x); identity and 1x1 pooling spell it the same way.
+  block = nsc.parse('1,4,0,0,0 2,5,0,0,1 3,7,0,0,0')
+  assert canonical.canonical_key(block) == canonical.canonical_key(
+      nsc.parse('1,2,1,0,0 2,3,1,1,0 3,5,0,2,0 4,7,0,0,0'))  # add(pool1(pool1(x)), x)
+  assert nsc.validate(canonical.canonical_block(block)) is not None
+  assert canonical.canonical_key(block) != canonical.canonical_key(
+      nsc.Block.parse('1,1,1,0,0 2,5,0,0,1 3,7,0,0,0'))

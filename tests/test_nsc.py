@@ -468,3 +468,25 @@ def test_grammar_normalises_and_reports_kernels():
   assert grammar.kernels(4) == grammar.kernels(5) == grammar.kernels(6) == (0,)
   # Kernels of a type left out of layer_types may be empty.
   assert nsc.Grammar(conv_kernels=(), layer_types=(2, 4)).conv_kernels == ()
+
+
+# -- merging a tensor with itself through identity-like layers ----------------------------
+
+
+@pytest.mark.parametrize('text', [
+    '1,4,0,0,0 2,5,0,0,1 3,7,0,0,0',                      # add(x, identity(x)) = 2x
+    '1,2,1,0,0 2,5,0,0,1 3,7,0,0,0',                      # max_pool 1x1 is x
+])
+def test_a_merge_through_identities_is_a_block(text):
+  """The generator builds it (2x); a per-layer state cannot avoid it, so the paper agent
+  would sample many invalid blocks if it were refused. Its key is its equivalents'."""
+  assert nsc.parse(text).to_text() == text
+
+
+@pytest.mark.parametrize('text', [
+    '1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,1,3 5,7,0,0,0',  # the residual block
+    '1,2,3,0,0 2,5,0,0,1 3,7,0,0,0',                      # 3x3 pooling is not identity
+    '1,1,3,0,0 2,4,0,1,0 3,5,0,0,2 4,7,0,0,0',            # identity of another tensor
+])
+def test_merging_different_tensors_is_accepted(text):
+  assert nsc.parse(text).to_text() == text

@@ -21,8 +21,18 @@ def space4():
   return space_lib.build_space(nsc.Grammar(max_index=4))
 
 
+def _encode(space, block):
+  """A block as a path of state ids, without ``nsc.validate``: the agent samples (and must
+  learn from) blocks the space holds even where validation rejects them (a merge of one
+  tensor through identity-like layers)."""
+  ids = [0] + [space.state_id(l if l.type not in nsc.MERGE_TYPES or l.pred1 < l.pred2 else
+                              nsc.Layer(l.index, l.type, l.kernel, l.pred2, l.pred1))
+               for l in block.layers]
+  return np.asarray(ids + [ids[-1]] * (space.max_index + 1 - len(ids)), np.int32)
+
+
 def _trajectories(space, blocks):
-  states = np.stack([space.encode(b) for b in blocks])
+  states = np.stack([_encode(space, b) for b in blocks])
   lengths = np.asarray([len(b.layers) for b in blocks], np.int32)
   return ql.Trajectories(states=jnp.asarray(states), lengths=jnp.asarray(lengths))
 
@@ -49,7 +59,7 @@ def test_update_matches_hand_values(space4, shaping, expected):
   traj = _trajectories(space4, [block])
   config = ql.QLearningConfig(reward_shaping=shaping)
   q = ql.q_update(ql.init_q(space4), space4, traj, jnp.asarray([0.8]), config)
-  states = space4.encode(block)
+  states = _encode(space4, block)
   np.testing.assert_allclose([_q_of(q, space4, states, 0), _q_of(q, space4, states, 1)],
                              expected, rtol=1e-6)
   # Nothing else moved.
@@ -66,7 +76,7 @@ def test_update_three_layers_by_hand(space4):
   config = ql.QLearningConfig(alpha=0.5, gamma=0.9)
   q = ql.q_update(ql.init_q(space4), space4, _trajectories(space4, [block]),
                   jnp.asarray([0.9]), config)
-  states = space4.encode(block)
+  states = _encode(space4, block)
   np.testing.assert_allclose([_q_of(q, space4, states, t) for t in range(3)],
                              [0.68125, 0.625, 0.4], rtol=1e-6)
 
@@ -128,7 +138,7 @@ def test_epsilon_one_is_uniform_over_legal_actions():
 
 def test_greedy_follows_planted_argmax(space4):
   block = nsc.parse('1,2,3,0,0 2,1,5,1,0 3,6,0,1,2 4,7,0,0,0')
-  states = space4.encode(block)
+  states = _encode(space4, block)
   q = ql.init_q(space4)
   for t in range(4):
     s, s_next = states[t], states[t + 1]
@@ -222,3 +232,30 @@ def test_greedy_on_untouched_q_is_uniform_over_the_ties():
   counts = np.bincount(np.asarray(traj.states)[:, 1] - 1, minlength=8)
   assert counts.size == 8
   assert ((counts - 1000) ** 2 / 1000).sum() < 24.3
+
+
+def test_monotone_update_never_lowers_q(space4):
+  # α = 1, γ = 1, no shaping: Watkins keeps the latest reward, the monotone update the
+  # best one; on the terminal transition Q(conv, term) is exactly the block's reward.
+  block = nsc.parse('1,1,3,0,0 2,7,0,0,0')
+  traj = _trajectories(space4, [block, block])
+  states = _encode(space4, block)
+  rewards = jnp.asarray([0.8, 0.3])
+  for monotone, expected in ((False, 0.3), (True, 0.8)):
+    config = ql.QLearningConfig(alpha=1.0, q_init=0.0, reward_shaping=False, monotone=monotone)
+    q = ql.q_update(ql.init_q(space4, 0.0), space4, traj, rewards, config)
+    assert _q_of(q, space4, states, 1) == pytest.approx(expected)
+    assert _q_of(q, space4, states, 0) == pytest.approx(expected)  # max over its successor
+
+
+def test_monotone_greedy_block_is_the_best_block(space4):
+  # With shaping each Q(s_t, a_t) on the best block's path holds its share of the best
+  # reward, so ε = 0 retraces the best block even after worse blocks share its states.
+  blocks = [nsc.parse('1,1,3,0,0 2,1,1,1,0 3,7,0,0,0'),   # the best, R = 0.9
+            nsc.parse('1,1,3,0,0 2,2,3,1,0 3,7,0,0,0'),   # shares layer 1, R = 0.2
+            nsc.parse('1,4,0,0,0 2,1,1,1,0 3,7,0,0,0')]   # shares layer 2, R = 0.1
+  config = ql.QLearningConfig(alpha=1.0, q_init=0.0, replay_size=0, monotone=True)
+  q = ql.q_update(ql.init_q(space4, 0.0), space4, _trajectories(space4, blocks),
+                  jnp.asarray([0.9, 0.2, 0.1]), config)
+  traj = ql.sample_blocks(jax.random.PRNGKey(0), q, space4, 0.0, 16)
+  assert all(space4.decode(row) == blocks[0] for row in np.asarray(traj.states))

@@ -335,3 +335,76 @@ def test_workdir_from_before_a_config_field_existed_resumes(tmp_path):
   config.search.max_staleness = 1  # but a value other than the default is a change
   with pytest.raises(search_lib.ConfigMismatch, match='search.max_staleness'):
     _search(config, tmp_path, ScoringExecutor(), progress=False)
+
+
+_STRATEGIES = {
+    'qlearning': {},
+    'qlearning_fast': {'agent.budget_sized': True, 'agent.exploration': 'mutation',
+                       'agent.avoid_repeats': True, 'agent.max_resamples': 8,
+                       'agent.alpha': 1.0, 'agent.q_init': 0.0, 'agent.replay_size': 0},
+    'random': {'search.strategy': 'random'},
+    'evolution': {'search.strategy': 'evolution', 'search.population': 4,
+                  'search.tournament': 2},
+    'local_search': {'search.strategy': 'local_search'},
+}
+
+
+def _strategy_config(name, staleness):
+  config = _config(iterations=((1.0, 2), (0.5, 2), (0.1, 2)), blocks=3, max_index=5)
+  config.search.max_staleness = staleness
+  for field, value in _STRATEGIES[name].items():
+    section, key = field.split('.')
+    config[section][key] = value
+  return config
+
+
+@pytest.mark.parametrize('staleness', [0, 1])
+@pytest.mark.parametrize('name', sorted(_STRATEGIES))
+def test_every_strategy_resumes_exactly(tmp_path, name, staleness):
+  """Killed after any record, each strategy samples what it would have: its state is saved
+  with the search (and an ask that moves it, with what it sampled)."""
+  config = _strategy_config(name, staleness)
+  _search(config, tmp_path / 'reference', ScoringExecutor(), progress=False)
+  ref_rows, ref_next, ref_arrays = _rows(tmp_path / 'reference')
+  assert ref_next == 6 and len(ref_rows) == 18
+  for stop in ((1, 1), (3, 2)):
+    def interrupt(iteration, position, result, stop=stop):
+      if (iteration, position) == stop:
+        raise KeyboardInterrupt
+    workdir = tmp_path / f'interrupted{stop[0]}'
+    with pytest.raises(KeyboardInterrupt):
+      _search(config, workdir, ScoringExecutor(), progress=False, on_recorded=interrupt)
+    _search(config, workdir, ScoringExecutor(), progress=False)
+    rows, next_iteration, arrays = _rows(workdir)
+    assert rows == ref_rows and next_iteration == ref_next
+    assert sorted(arrays) == sorted(ref_arrays)
+    for key in arrays:
+      np.testing.assert_array_equal(arrays[key], ref_arrays[key])
+
+
+def test_strategies_differ_and_the_paper_agent_is_the_default(tmp_path):
+  sampled = {}
+  for name in ('qlearning', 'random', 'evolution'):
+    _search(_strategy_config(name, 0), tmp_path / name, ScoringExecutor(), progress=False)
+    sampled[name] = [r[2] for r in _rows(tmp_path / name)[0]]
+  assert len({tuple(v) for v in sampled.values()}) == 3
+  with store_lib.ResultsStore(tmp_path / 'evolution') as store:
+    assert json.loads(store.get_meta('config'))['search']['strategy'] == 'evolution'
+
+
+def test_a_workdir_saved_before_strategies_resumes_as_the_paper_agent(tmp_path):
+  """Older workdirs saved the agent as ``q`` and ``memory_<field>``."""
+  config = _config()
+  _search(config, tmp_path / 'reference', ScoringExecutor(), progress=False)
+  old = tmp_path / 'old'
+  _search(config, old, ScoringExecutor(), max_iterations=2, progress=False)
+  with store_lib.ResultsStore(old) as store:
+    next_iteration, arrays = store.load_agent()
+    legacy = {'q': arrays['q'], **{f'memory_{k[len("memory."):]}': v
+                                   for k, v in arrays.items() if k.startswith('memory.')}}
+    store.save_agent(next_iteration, legacy)
+  _search(config, old, ScoringExecutor(), progress=False)
+  rows, _, arrays = _rows(old)
+  ref_rows, _, ref_arrays = _rows(tmp_path / 'reference')
+  assert rows == ref_rows
+  np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])
