@@ -329,8 +329,25 @@ class ExecutorSettings:
            self.workers_per_device)
 
 
+class FromConfig:
+  """What a program's whole settings share: built once from its config, stored as JSON."""
+
+  @classmethod
+  def from_config(cls, config: Any):
+    """From a ConfigDict (or nested dict / JSON text); raises ``SettingsError``."""
+    if isinstance(config, str):
+      config = json.loads(config)
+    return build(cls, _as_dict(config), '')
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
 @dataclasses.dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(FromConfig):
   """Everything a search is: one frozen value per config section."""
 
   seed: int = 0
@@ -344,18 +361,6 @@ class SearchSettings:
   executor: ExecutorSettings = ExecutorSettings()
   preset: str = ''
 
-  @classmethod
-  def from_config(cls, config: Any) -> 'SearchSettings':
-    """From a ConfigDict (or nested dict / JSON text); raises ``SettingsError``."""
-    if isinstance(config, str):
-      config = json.loads(config)
-    return build(cls, _as_dict(config), '')
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), sort_keys=True, default=str)
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -509,7 +514,7 @@ class FinalDataSettings(DataSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class FinalSettings:
+class FinalSettings(FromConfig):
   """Everything a final retraining is (``configs/cifar_final.py``), one value per section.
 
   Attributes:
@@ -534,12 +539,3 @@ class FinalSettings:
   train: FinalTrainConfig = FinalTrainConfig()
   preset: str = ''
 
-  @classmethod
-  def from_config(cls, config: Any) -> 'FinalSettings':
-    """From a ConfigDict (or nested dict / JSON text); raises ``SettingsError``."""
-    if isinstance(config, str):
-      config = json.loads(config)
-    return build(cls, _as_dict(config), '')
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
