@@ -196,14 +196,9 @@ class _Graph:
 
   @classmethod
   def from_block(cls, block: nsc.Block) -> '_Graph':
+    _check_numbering(block)
     types, kernels, preds = [_INPUT_TYPE], [0], [()]
-    for position, layer in enumerate(block.body, start=1):
-      if layer.index != position:
-        raise nsc.NSCError(f'index {layer.index} out of sequence (expected {position})',
-                           layer=layer.index, rule='consecutive')
-      if any(p < 0 or p >= layer.index for p in layer.preds):
-        raise nsc.NSCError(f'predecessors {layer.preds} must name earlier layers',
-                           layer=layer.index, rule='pred_order')
+    for layer in block.body:
       types.append(layer.type)
       kernels.append(layer.kernel)
       preds.append(layer.preds)
