@@ -108,7 +108,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from benchmarks import evaluate as evaluate_bench
+from benchmarks import evaluate as evaluate_bench  # noqa: F401 (its flags: --data, ...)
+from benchmarks.fixtures import BLOCKS
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
@@ -191,7 +192,7 @@ class Plan:
 
 def plan_for(size: str, time_limit_s: float | None = None) -> Plan:
   """The plan of ``size``; ``time_limit_s`` stretches or shrinks its time boxes."""
-  blocks = evaluate_bench.BLOCKS
+  blocks = BLOCKS
   if size == 'full':
     plan = Plan(size, epochs=12, batch_size=256, features=32, num_blocks=2,
                 validation_size=0.1, max_train=None, loop_blocks=(blocks[0], blocks[2]),
@@ -280,10 +281,8 @@ def _device_memory(device) -> dict[str, int] | str:
 
 
 def _program_memory(programs) -> dict[str, Any]:
-  """What XLA planned for a candidate's training program (the step of the 'steps' loop)."""
-  train = programs.train
-  program = getattr(train, 'step', train)  # StepwiseTrain: its per-batch step
-  analysis = program.memory_analysis()
+  """What XLA planned for a candidate's training program (a step, or a scanned epoch)."""
+  analysis = programs.fit.memory_analysis()
   if analysis is None:
     return {'available': False}
   fields = dict(argument_bytes=analysis.argument_size_in_bytes,
@@ -292,7 +291,7 @@ def _program_memory(programs) -> dict[str, Any]:
                 temp_bytes=analysis.temp_size_in_bytes)
   fields['total_bytes'] = (fields['argument_bytes'] + fields['output_bytes']
                            - fields['alias_bytes'] + fields['temp_bytes'])
-  fields['program'] = 'step' if program is not train else 'whole training'
+  fields['program'] = 'step' if programs.loop == 'steps' else 'epoch'
   return fields
 
 

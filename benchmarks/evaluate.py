@@ -28,6 +28,7 @@ from absl import flags
 import jax
 import ml_collections
 
+from benchmarks.fixtures import BLOCKS
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
@@ -35,15 +36,6 @@ from blockqnn_jax.settings import SearchSettings
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import engine
 from blockqnn_jax.training import streamed
-
-# Small to large: one conv, the residual block, the Inception-like block, a deep mixed block.
-BLOCKS = (
-    '1,1,3,0,0 2,7,0,0,0',
-    '1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,1,3 5,7,0,0,0',
-    '1,1,1,0,0 2,1,3,0,0 3,1,5,0,0 4,2,3,0,0 5,1,1,4,0 6,7,0,0,0',
-    '1,1,3,0,0 2,1,1,1,0 3,3,3,0,0 4,1,5,3,0 5,6,0,2,4 6,1,3,5,0 7,5,0,1,6 8,2,3,7,0 '
-    '9,1,3,8,0 10,7,0,0,0',
-)
 
 _DATA = flags.DEFINE_string('data', 'digits', "'digits', or 'SOURCE:PATH' such as "
                             "'npz:../shared/data/cifar10-exact-subset.npz'.")

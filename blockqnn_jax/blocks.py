@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from blockqnn_jax import cost
+from blockqnn_jax import initializers
 from blockqnn_jax import nsc
 
 Dtype = Any
@@ -75,10 +76,12 @@ class PCC(nn.Module):
       x = nn.relu(x)
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.strides,
                 padding='SAME', use_bias=False, dtype=self.dtype,
-                param_dtype=self.param_dtype, name='conv')(x)
+                param_dtype=self.param_dtype, kernel_init=initializers.lecun_normal(),
+                name='conv')(x)
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name='bn')(x)
+                        param_dtype=self.param_dtype, scale_init=initializers.ones,
+                        bias_init=initializers.zeros, name='bn')(x)
 
 
 class BlockModule(nn.Module):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from blockqnn_jax import blocks
+from blockqnn_jax import initializers
 from blockqnn_jax import nsc
 from blockqnn_jax.architecture import NetworkSpec
 
@@ -119,4 +120,5 @@ class BlockNet(nn.Module):
     x = nn.relu(jnp.asarray(x, jnp.float32))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(spec.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+                    kernel_init=initializers.lecun_normal(), bias_init=initializers.zeros,
                     name='head')(x)

@@ -62,6 +62,14 @@ class TrainConfig:
       Python (same keys, same batches, same updates); 'auto': 'steps' on CPU, where XLA runs
       a scanned body 9-20x slower than the same step dispatched alone (benchmarks/
       evaluate.py), 'scan' on GPU/TPU.
+    flat_optimizer: Adam on all parameters as one flat vector (``optax.flatten``): the
+      same update up to rounding (a few ulp after training), 0.1-0.3 s less compile per
+      candidate on a 2-core CPU. False: per parameter, bit for bit the earlier candidates.
+    xla_cpu_fusion_emitters: on CPU, compile with XLA:CPU's newer fusion emitters (its
+      default). False (here): its classic emitters, which compiled a candidate's steps
+      22-44% faster and ran them as fast or faster (benchmarks/compile_share.py), with
+      results equal up to rounding. Ignored off CPU, and where XLA no longer knows the
+      option.
   """
 
   epochs: int = 12
@@ -77,6 +85,8 @@ class TrainConfig:
   eval_batch_size: int = 1000
   prng_impl: str = 'rbg'
   loop: str = 'auto'
+  flat_optimizer: bool = True
+  xla_cpu_fusion_emitters: bool = False
 
   def __post_init__(self):
     for name in ('epochs', 'batch_size', 'lr_decay_epochs', 'eval_batch_size'):
@@ -133,6 +143,9 @@ class DataSettings:
       (ImageNet-sized data).
     decode_threads: host threads decoding streamed images.
     download: let TFDS download a dataset it does not find.
+    holdout_seed: seeds which images are held out for validation; -1 (default): the
+      search's own ``seed``. Searches compared on one dataset (several seeds, one shared
+      ``search.eval_cache``) fix it, so all of them validate on the same images.
   """
 
   source: str = 'tfds'
@@ -143,6 +156,11 @@ class DataSettings:
   stream: bool = False
   decode_threads: int = 8
   download: bool = False
+  holdout_seed: int = -1
+
+  def holdout(self, seed: int) -> int:
+    """The hold-out's seed for a search of ``seed``."""
+    return seed if self.holdout_seed < 0 else self.holdout_seed
 
   def __post_init__(self):
     _one_of(self.source, ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits'),
@@ -236,6 +254,11 @@ class LoopSettings:
       candidates in a row failed for the same reason that is not a fact about the block
       (out of memory, an error, a lost worker: see ``results.PERMANENT_FAILURES``), instead
       of teaching the agent reward 0 for hours; 0 never stops.
+    eval_cache: a file of evaluations shared with other searches (``eval_cache``): a block
+      any of them trained at this fidelity on this data is read from it, not trained again,
+      and the training seed of a block is derived from the block alone, so every search
+      sharing the file reads what it would have trained. '' (default): none; each block's
+      seed is derived from the search's seed and the block.
   """
 
   blocks_per_iteration: int = 64
@@ -246,6 +269,7 @@ class LoopSettings:
   population: int = 10
   tournament: int = 3
   stop_after_failures: int = 10
+  eval_cache: str = ''
 
   def __post_init__(self):
     schedule = tuple((float(e), int(n)) for e, n in self.epsilon_schedule)

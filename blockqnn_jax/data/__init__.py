@@ -14,7 +14,8 @@ One job per module:
 * ``readers``: ``load_splits`` over the ``SOURCES`` (TFDS, CIFAR python batches, ``.npz``,
   image folders or tars, scikit-learn's digits), decoding and ``resize_center_crop``.
 * ``stream``: ``stream_batches`` / ``stream_info`` for data too large for memory.
-* ``augmentation``: ``normalize``, ``random_crop``, ``random_flip`` and ``augment``, in JAX.
+* ``augmentation``: ``normalize``, ``random_crop``, ``random_flip``, ``crop_and_flip`` and
+  ``augment``, in JAX.
 
 Pixels stay uint8 (N, H, W, C) until ``normalize``/``augment`` turn a batch into float32; mean
 and std are per channel in pixel units (0..255).
@@ -24,6 +25,7 @@ callers need not know which module holds what.
 """
 
 from blockqnn_jax.data.augmentation import augment
+from blockqnn_jax.data.augmentation import crop_and_flip
 from blockqnn_jax.data.augmentation import normalize
 from blockqnn_jax.data.augmentation import random_crop
 from blockqnn_jax.data.augmentation import random_flip
@@ -43,7 +45,7 @@ from blockqnn_jax.data.stream import stream_info
 
 __all__ = [
     'CIFAR10_CLASSES', 'DataError', 'IMAGE_SUFFIXES', 'ImageSplits', 'SOURCES',
-    'STREAM_SOURCES', 'augment', 'balanced_head', 'load_splits', 'normalize', 'pixel_stats',
+    'STREAM_SOURCES', 'augment', 'crop_and_flip', 'balanced_head', 'load_splits', 'normalize', 'pixel_stats',
     'random_crop', 'random_flip', 'resize_center_crop', 'stratified_holdout', 'stream_batches',
     'stream_info',
 ]

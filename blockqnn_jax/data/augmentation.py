@@ -72,28 +72,45 @@ def random_flip(key: jax.Array, images: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
+def crop_and_flip(key: jax.Array, images: jnp.ndarray, *, pad: int = 4, flip: bool = True,
+                  mode: str = 'reflect') -> jnp.ndarray:
+  """The standard CIFAR augmentation of a batch, on its pixels: random crop, then flip.
+
+  It depends on no network, so a search compiles it once for all its candidates
+  (``training.engine.epoch_batches``); ``normalize`` then runs inside each network's step.
+
+  Args:
+    key: PRNG key; the same key gives the same crops and flips.
+    images: ``(B, H, W, C)``, any dtype (uint8 normally: 4x less traffic than floats).
+    pad: random-crop padding in pixels (static; 0: no crop).
+    flip: random horizontal flip (static).
+    mode: crop padding, ``'reflect'`` or ``'constant'`` (zero pixels).
+
+  Returns:
+    ``(B, H, W, C)``, the dtype of ``images``.
+  """
+  crop_key, flip_key = jax.random.split(key)
+  images = random_crop(crop_key, images, pad, mode)
+  if flip:
+    images = random_flip(flip_key, images)
+  return images
+
+
 def augment(key: jax.Array, images: jnp.ndarray, mean: Any, std: Any, *, pad: int = 4,
             flip: bool = True, mode: str = 'reflect') -> jnp.ndarray:
-  """The standard CIFAR augmentation of a batch, then normalisation; pure and jittable.
+  """``crop_and_flip`` then ``normalize``: the augmented float batch; pure and jittable.
 
   ``pad``, ``flip`` and ``mode`` are static (Python values), so under ``jit`` mark them
   static or close over them. With ``pad=0, flip=False`` this is ``normalize``.
 
   Args:
     key: PRNG key; the same key gives the same crops and flips.
-    images: ``(B, H, W, C)`` uint8 (cropping and flipping run on uint8, 4x less traffic).
+    images: ``(B, H, W, C)`` uint8 (cropping and flipping run on uint8).
     mean: ``(C,)`` per-channel mean in pixel units (e.g. ``ImageSplits.mean``).
     std: ``(C,)`` per-channel std in pixel units.
-    pad: random-crop padding in pixels (0: no crop).
-    flip: random horizontal flip.
-    mode: crop padding, ``'reflect'`` or ``'constant'`` (zero pixels).
+    pad, flip, mode: as ``crop_and_flip``.
 
   Returns:
     ``(B, H, W, C)`` float32, normalised.
   """
-  crop_key, flip_key = jax.random.split(key)
-  images = random_crop(crop_key, images, pad, mode)
-  if flip:
-    images = random_flip(flip_key, images)
-  return normalize(images, mean, std)
-
+  return normalize(crop_and_flip(key, images, pad=pad, flip=flip, mode=mode), mean, std)

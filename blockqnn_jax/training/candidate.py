@@ -1,19 +1,24 @@
 """Scoring a search candidate: early-stop training with the data held on the device.
 
-A candidate compiles into two programs and nothing else:
+A candidate compiles two programs of its own, and only what depends on its block:
 
-* ``train``: initialisation and *all* epochs, either as one XLA program (``loop='scan'``:
-  ``lax.scan`` over epochs and over the steps of an epoch) or as one compiled step driven
-  from Python (``loop='steps'``, what XLA:CPU runs fastest); both draw the same keys and
-  batches (``engine.epoch_plan``), so they train the same network. The data already lives
-  on the device: each step gathers its batch by index and augments it in place. Candidates
-  draw from the RBG PRNG (``TrainConfig.prng_impl``): with threefry, initialisation alone
-  compiled ten times slower than the forward pass.
+* ``fit``: its training steps, either one compiled step driven from Python per batch
+  (``loop='steps'``, what XLA:CPU runs fastest) or one ``lax.scan`` over an epoch's steps
+  per epoch (``loop='scan'``); both train on the same batches from the same keys, so they
+  train the same network.
 * ``evaluate``: the validation accuracy and loss, batched with ``lax.map``.
 
-Both are compiled ahead of time from shapes alone (``jit(...).lower(...).compile()``), so an
-executor can compile the next candidates on host threads while the devices train the
-current ones, and compile time is a number of its own in the result.
+What is the same for every block is not compiled per candidate: each epoch's shuffled and
+augmented batches come from one program per search and data shape (``engine.epoch_batches``,
+gathering from the data already on the device), and the initial state is built op by op
+(``initial_state``), whose small per-op programs later candidates share. Candidates draw
+from the RBG PRNG (``TrainConfig.prng_impl``): with threefry, initialisation alone compiled
+ten times slower than the forward pass.
+
+A candidate's programs are compiled ahead of time from shapes alone
+(``jit(...).lower(...).compile()``), so an executor can compile the next candidates on host
+threads while the devices train the current ones, and compile time is a number of its own
+in the result.
 
 A candidate may span several devices: the batch is then sharded over a ``data`` mesh axis
 and the parameters replicated, so it trains data-parallel with the same global batch.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -56,24 +62,58 @@ EXPLODED_LOSS_FACTOR = 100.0
 def candidate_optimizer(config: TrainConfig, steps_per_epoch: int
                         ) -> optax.GradientTransformation:
   """Adam (AdamW with weight decay), the learning rate cut by ``lr_decay`` every
-  ``lr_decay_epochs`` epochs (the paper's candidate training)."""
+  ``lr_decay_epochs`` epochs (the paper's candidate training).
+
+  With ``flat_optimizer``, applied to all parameters as one flat vector (``optax.flatten``):
+  the same update element by element, in a few fused loops instead of a few per parameter,
+  which compiles faster (and rounds a few results differently).
+  """
   schedule = optax.exponential_decay(config.learning_rate,
                                      config.lr_decay_epochs * steps_per_epoch,
                                      config.lr_decay, staircase=True)
-  return engine.make_optimizer('adam', schedule, b1=config.b1, b2=config.b2,
-                               weight_decay=config.weight_decay)
+  tx = engine.make_optimizer('adam', schedule, b1=config.b1, b2=config.b2,
+                             weight_decay=config.weight_decay)
+  return optax.flatten(tx) if config.flat_optimizer else tx
 
 
 def candidate_step(model, config: TrainConfig, steps_per_epoch: int):
-  """``engine.train_step`` with a candidate's model, optimiser and augmentation bound."""
+  """``engine.fit_step`` with a candidate's model, optimiser and options bound.
+
+  Returns:
+    ``(tx, options, step)``: the optimiser, the augmentation (``engine.augment_batch``, run
+    by the programs every candidate shares) and ``step(state, pixels, labels, mean, std)``.
+  """
   tx = candidate_optimizer(config, steps_per_epoch)
   options = engine.StepOptions(augment=config.augment)
 
-  def step(state, images, labels, key, mean, std):
-    return engine.train_step(state, images, labels, key, mean, std, model=model, tx=tx,
-                             options=options)
+  def step(state, pixels, labels, mean, std):
+    return engine.fit_step(state, pixels, labels, mean, std, model=model, tx=tx,
+                           options=options)
 
-  return tx, step
+  return tx, options, step
+
+
+def initial_state(model, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+                  key: jax.Array, epochs: int, device: jax.Device
+                  ) -> tuple[engine.TrainState, jax.Array]:
+  """A candidate's state at step 0 and its epoch keys, from its training key.
+
+  Not a program of its own: the parameters come from the initialisers alone
+  (``engine.init_variables``; ``initializers`` makes them from draws shared by every
+  network), the optimiser state is zeros of its shape (the candidate optimiser, Adam or
+  AdamW, starts all its moments and counts at zero: tested against ``tx.init``), and the
+  keys are split op by op on ``device``. A jitted ``init`` was a new program of 0.3-1.8 s
+  per block here (benchmarks/evaluate.py); the values are the same, bit for bit.
+  """
+  with jax.default_device(device):
+    init_key, data_key = jax.random.split(key)
+    variables = engine.init_variables(init_key, model, image_shape)
+    params = variables['params']
+    opt_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                             jax.eval_shape(tx.init, params))
+    state = engine.TrainState(step=np.zeros((), np.int32), params=params,
+                              batch_stats=variables['batch_stats'], opt_state=opt_state)
+    return state, jax.random.split(data_key, epochs)
 
 
 @dataclasses.dataclass
@@ -235,6 +275,8 @@ class CandidateScorer:
     self.grammar = grammar
     self.dtype = engine.resolve_dtype(train_config.compute_dtype, group.platform)
     self.loop = engine.resolve_loop(train_config.loop, group.platform)
+    self.compiler_options = engine.compiler_options(group.platform,
+                                                    train_config.xla_cpu_fusion_emitters)
 
   image_shape: tuple[int, ...]
   num_classes: int
@@ -314,34 +356,25 @@ def check_divergence(epoch_loss: Sequence[float], val_loss: float, num_classes: 
 
 @dataclasses.dataclass
 class CompiledCandidate:
-  train: Any  # key, images, labels, mean, std -> (state, epoch_loss)
+  """A candidate's own programs (what depends on its block) and their compile time."""
+
+  init: Any  # key -> (state, epoch_keys), op by op (``initial_state``)
+  fit: Any  # steps: (state, pixels, labels, i, mean, std) -> (state, loss) for batch i;
+  #           scan: (state, pixels, labels, mean, std) -> (state, mean loss of the epoch)
   evaluate: Any  # params, batch_stats, images, labels, mean, std -> (accuracy, loss)
+  loop: str  # 'steps' or 'scan'
   compile_s: float
 
 
-class StepwiseTrain:
-  """A candidate's whole training as one compiled step per batch, driven from Python:
-  the same epoch keys, batch order and per-step keys as the scanned program."""
-
-  def __init__(self, init, plan, step, epochs: int, steps: int):
-    self.init, self.plan, self.step = init, plan, step
-    self.epochs, self.steps = epochs, steps
-
-  def __call__(self, key, images, labels, mean, std):
-    state, epoch_keys = self.init(key)
-    epoch_loss = []
-    for epoch in range(self.epochs):
-      order, step_keys = self.plan(epoch_keys, epoch)
-      losses = []
-      for i in range(self.steps):
-        state, loss = self.step(state, images, labels, order, step_keys, i, mean, std)
-        losses.append(loss)
-      epoch_loss.append(jax.numpy.mean(jax.numpy.stack(losses)))
-    return state, jax.numpy.stack(epoch_loss)
-
-
 class CandidateTrainer(CandidateScorer):
-  """Scores candidates on one device group whose data is held on the devices."""
+  """Scores candidates on one device group whose data is held on the devices.
+
+  A candidate runs three kinds of program: its initialisation op by op (``initial_state``:
+  small programs shared by all candidates), each epoch's shuffled and augmented batches
+  (``engine.epoch_batches``: one program for the whole search, compiled on first use), and
+  its own two programs, compiled per canonical block: its training steps (one step, or the
+  epoch's ``lax.scan`` of steps) and its validation.
+  """
 
   def __init__(self, group: DeviceGroup, train_config: TrainConfig,
                reward_config: RewardConfig, network: NetworkSettings,
@@ -351,81 +384,118 @@ class CandidateTrainer(CandidateScorer):
     self.num_classes = group.num_classes
     self.steps_per_epoch = engine.steps_per_epoch(train_config.batch_size,
                                                   group.train_images.shape[0])
+    self._shared = CompileCache(max_entries=4)  # the programs no block changes
 
   def _data_shapes(self) -> tuple:
     g = self.group
     return (g.train_images.shape, g.val_images.shape)
 
+  @property
+  def _batches_sharding(self) -> NamedSharding:
+    """An epoch's batches ``(steps, B, ...)``: each batch split over the group's devices."""
+    g = self.group
+    return NamedSharding(g.mesh, P(None, 'data')) if len(g.devices) > 1 else g.replicated
+
+  def _key_abstract(self) -> jax.ShapeDtypeStruct:
+    rng = jax.eval_shape(lambda: jax.random.key(0, impl=self.train_config.prng_impl))
+    return self.group.abstract(rng.shape, rng.dtype)
+
+  def epoch_batches(self):
+    """The compiled ``engine.epoch_batches`` of this data: ``(epoch_key, images, labels) ->
+    (pixels, labels)``, compiled once for all candidates."""
+    g, config = self.group, self.train_config
+
+    def compile_it():
+      batches = functools.partial(
+          engine.epoch_batches, batch_size=config.batch_size,
+          options=engine.StepOptions(augment=config.augment),
+          batch_sharding=g.batch_sharding)
+      abstract = lambda a: g.abstract(a.shape, a.dtype)
+      return engine.compile_lowered(jax.jit(batches, out_shardings=self._batches_sharding).lower(
+          self._key_abstract(), abstract(g.train_images), abstract(g.train_labels)),
+          self.compiler_options)
+
+    key = ('epoch_batches', self._data_shapes(), config.batch_size, config.augment,
+           config.prng_impl, tuple(d.id for d in g.devices))
+    return self._shared.get_or_compile(key, compile_it)[0]
+
   def _compile(self, prepared: PreparedBlock) -> CompiledCandidate:
     start = time.perf_counter()
     g, config = self.group, self.train_config
     model = self.model(prepared)
-    tx, train_step = candidate_step(model, config, self.steps_per_epoch)
-    num_train, batch = g.train_images.shape[0], config.batch_size
-    abstract = lambda a: g.abstract(a.shape, a.dtype)
-    images, labels, stats = abstract(g.train_images), abstract(g.train_labels), abstract(g.mean)
-    rng = jax.eval_shape(lambda: jax.random.key(0, impl=config.prng_impl))
-    key = g.abstract(rng.shape, rng.dtype)
-
-    def init(key):
-      init_key, data_key = jax.random.split(key)
-      return (engine.init_state(init_key, model, tx, self.image_shape),
-              jax.random.split(data_key, config.epochs))
-
+    tx, _, fit_step = candidate_step(model, config, self.steps_per_epoch)
+    abstract = lambda a, sharding=None: g.abstract(a.shape, a.dtype, sharding)
+    init = functools.partial(initial_state, model, tx, self.image_shape,
+                             epochs=config.epochs, device=g.devices[0])
+    # Shapes of the state, traced without running anything.
+    state = jax.tree.map(abstract, jax.eval_shape(
+        lambda key: engine.init_state(key, model, tx, self.image_shape), self._key_abstract()))
+    steps, batch = self.steps_per_epoch, config.batch_size
+    pixels = g.abstract((steps, batch) + self.image_shape, np.uint8, self._batches_sharding)
+    labels = g.abstract((steps, batch), np.int32, self._batches_sharding)
+    stats = abstract(g.mean)
     jit = lambda f, **kw: jax.jit(f, out_shardings=g.replicated, **kw)
     if self.loop == 'steps':
-      init_l = jit(init).lower(key)
-      state, epoch_keys = jax.tree.map(abstract, init_l.out_info)
-      index = g.abstract((), np.int32)
-
-      def plan(epoch_keys, epoch):
-        return engine.epoch_plan(epoch_keys[epoch], num_train, batch)
-
-      plan_l = jit(plan).lower(epoch_keys, index)
-      order, step_keys = jax.tree.map(abstract, plan_l.out_info)
-      indexed = engine.indexed_step(train_step, g.batch_sharding)
-
-      def step(state, images, labels, order, step_keys, i, mean, std):
-        state, (loss, _) = indexed(state, images, labels, order[i], step_keys[i], mean, std)
+      def fit(state, pixels, labels, i, mean, std):
+        state, (loss, _) = fit_step(state, pixels[i], labels[i], mean, std)
         return state, loss
 
-      step_l = jit(step, donate_argnums=(0,)).lower(
-          state, images, labels, order, step_keys, index, stats, stats)
-      train = StepwiseTrain(init_l.compile(), plan_l.compile(), step_l.compile(),
-                            config.epochs, self.steps_per_epoch)
-      trained_state = state
+      fit_l = jit(fit, donate_argnums=(0,)).lower(state, pixels, labels,
+                                                  g.abstract((), np.int32), stats, stats)
     else:
-      def train_all(key, images, labels, mean, std):
-        state, epoch_keys = init(key)
+      def fit(state, pixels, labels, mean, std):
+        state, (loss, _) = engine.fit_epoch(state, pixels, labels, mean, std, step=fit_step)
+        return state, loss
 
-        def epoch(state, epoch_key):
-          state, (loss, _) = engine.train_epoch(state, epoch_key, images, labels, mean, std,
-                                                step=train_step, batch_size=batch,
-                                                batch_sharding=g.batch_sharding)
-          return state, loss
-
-        return jax.lax.scan(epoch, state, epoch_keys)
-
-      lowered = jit(train_all).lower(key, images, labels, stats, stats)
-      trained_state = lowered.out_info[0]  # shapes of the trained state, known without running
-      train = lowered.compile()
+      fit_l = jit(fit, donate_argnums=(0,)).lower(state, pixels, labels, stats, stats)
 
     def evaluate(params, batch_stats, images, labels, mean, std):
       return engine.evaluate(params, batch_stats, images, labels, mean, std, model=model,
                              batch_size=config.eval_batch_size)
 
-    evaluate_c = jit(evaluate).lower(
-        jax.tree.map(abstract, trained_state.params),
-        jax.tree.map(abstract, trained_state.batch_stats), abstract(g.val_images),
-        abstract(g.val_labels), stats, stats).compile()
-    return CompiledCandidate(train, evaluate_c, time.perf_counter() - start)
+    evaluate_l = jit(evaluate).lower(state.params, state.batch_stats, abstract(g.val_images),
+                                     abstract(g.val_labels), stats, stats)
+    return CompiledCandidate(init, engine.compile_lowered(fit_l, self.compiler_options),
+                             engine.compile_lowered(evaluate_l, self.compiler_options),
+                             self.loop, time.perf_counter() - start)
+
+  def start(self, compiled: CompiledCandidate, seed: int
+            ) -> tuple[engine.TrainState, jax.Array]:
+    """The initial state and epoch keys of a training from ``seed``, on the group."""
+    key = jax.random.key(seed, impl=self.train_config.prng_impl)
+    return jax.device_put(compiled.init(key), self.group.replicated)
+
+  def fit(self, compiled: CompiledCandidate, state: engine.TrainState, epoch_keys: jax.Array
+          ) -> tuple[engine.TrainState, np.ndarray]:
+    """Trains from ``state``: ``(trained state, per-epoch mean training loss)``."""
+    g = self.group
+    batches = self.epoch_batches()
+    epoch_loss = []
+    for epoch_key in epoch_keys:
+      pixels, labels = batches(epoch_key, g.train_images, g.train_labels)
+      if compiled.loop == 'steps':
+        losses = []
+        for i in range(self.steps_per_epoch):
+          state, loss = compiled.fit(state, pixels, labels, i, g.mean, g.std)
+          losses.append(loss)
+        epoch_loss.append(jax.numpy.mean(jax.numpy.stack(losses)))
+      else:
+        state, loss = compiled.fit(state, pixels, labels, g.mean, g.std)
+        epoch_loss.append(loss)
+    return state, np.asarray(jax.numpy.stack(epoch_loss))  # waits for training
+
+  def train(self, compiled: CompiledCandidate, seed: int
+            ) -> tuple[engine.TrainState, np.ndarray]:
+    """``start`` then ``fit``: a compiled candidate trained from ``seed``."""
+    return self.fit(compiled, *self.start(compiled, seed))
 
   def _train(self, prepared: PreparedBlock, compiled: CompiledCandidate, seed: int) -> Trained:
     g, config = self.group, self.train_config
-    key = jax.device_put(jax.random.key(seed, impl=config.prng_impl), g.replicated)
+    self.epoch_batches()  # compiled by the first candidate only, not part of its training
+    state, epoch_keys = self.start(compiled, seed)
+    jax.block_until_ready(state)
     t0 = time.perf_counter()
-    state, epoch_loss = compiled.train(key, g.train_images, g.train_labels, g.mean, g.std)
-    epoch_loss = np.asarray(epoch_loss)  # waits for training
+    state, epoch_loss = self.fit(compiled, state, epoch_keys)
     train_s = time.perf_counter() - t0
     # Checked before validating: a diverged network is not worth evaluating.
     check_divergence(epoch_loss, 0.0, self.num_classes)

@@ -6,8 +6,11 @@ in (the optimiser and its schedule, how the epoch keys are drawn, how batches ar
 All functions are pure and jittable; the model and optimiser are closed over or passed as
 static arguments by the caller.
 
-Images are uint8 ``(B, H, W, C)`` on the device; each step augments (or only normalises) its
-batch in place, so no input pipeline runs on the host. The epoch's batch order and per-step
+Images are uint8 ``(B, H, W, C)`` on the device, so no input pipeline runs on the host. A step
+is two halves: ``augment_batch`` (crop and flip; the same for every network) and ``fit_step``
+(normalise, forward, backward, update; the network's own). ``epoch_batches`` makes a whole
+epoch's augmented batches in one program that a search compiles once for all its candidates,
+and ``fit_epoch`` scans the network's step over them. The epoch's batch order and per-step
 keys come from one epoch key (``epoch_plan``), which is what makes the scanned epoch and the
 per-step loop train the same network, and a resumed run draw what an uninterrupted one would.
 """
@@ -15,6 +18,7 @@ per-step loop train the same network, and a resumed run draw what an uninterrupt
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import flax.struct
@@ -45,6 +49,34 @@ def resolve_loop(loop: str, platform: str) -> str:
   if loop not in ('scan', 'steps'):
     raise ValueError(f"train.loop must be 'auto', 'scan' or 'steps', got {loop!r}")
   return loop
+
+
+def compiler_options(platform: str, xla_cpu_fusion_emitters: bool) -> dict[str, Any]:
+  """The XLA options a candidate's programs compile with (``TrainConfig``'s field)."""
+  if platform == 'cpu' and not xla_cpu_fusion_emitters:
+    return {'xla_cpu_use_fusion_emitters': False}
+  return {}
+
+
+_unknown_options: set[str] = set()
+
+
+def compile_lowered(lowered, options: dict[str, Any]):
+  """``lowered.compile`` with ``options``; without those this XLA no longer knows (once
+  logged), so a newer jaxlib still compiles, only slower."""
+  options = {k: v for k, v in options.items() if k not in _unknown_options}
+  if not options:
+    return lowered.compile()
+  try:
+    return lowered.compile(compiler_options=options)
+  except Exception as e:  # jax raises JaxRuntimeError (INVALID_ARGUMENT) for an unknown one
+    unknown = [k for k in options if k in str(e) and 'No such compile option' in str(e)]
+    if not unknown:
+      raise
+    logging.warning('XLA does not know the compile option(s) %s; compiling without',
+                    unknown)
+    _unknown_options.update(unknown)
+    return compile_lowered(lowered, options)
 
 
 def steps_per_epoch(batch_size: int, num_train: int) -> int:
@@ -104,10 +136,17 @@ class TrainState:
   opt_state: Any
 
 
+def init_variables(key: jax.Array, model, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """The model's ``params`` and ``batch_stats`` at step 0, without running the network on an
+  input (``lazy_init``: only the initialisers run; the values are ``model.init``'s)."""
+  return model.lazy_init(key, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32),
+                         train=False)
+
+
 def init_state(key: jax.Array, model, tx: optax.GradientTransformation,
                image_shape: tuple[int, ...]) -> TrainState:
   """Initialises parameters, BatchNorm statistics and optimiser state (step 0)."""
-  variables = model.init(key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  variables = init_variables(key, model, image_shape)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables['batch_stats'], opt_state=tx.init(params))
@@ -137,29 +176,33 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
-               mean: jax.Array, std: jax.Array, *, model, tx: optax.GradientTransformation,
-               options: StepOptions) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-  """One optimiser step on one batch.
+def augment_batch(key: jax.Array, images: jax.Array, options: StepOptions) -> jax.Array:
+  """A batch's pixels as a step trains on them: randomly cropped and flipped when
+  ``options.augment``, else unchanged (uint8 in, uint8 out)."""
+  if not options.augment:
+    return images
+  return data_lib.crop_and_flip(key, images, pad=options.crop_padding)
+
+
+def fit_step(state: TrainState, pixels: jax.Array, labels: jax.Array, mean: jax.Array,
+             std: jax.Array, *, model, tx: optax.GradientTransformation,
+             options: StepOptions) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """One optimiser step on one batch whose augmentation is done (``augment_batch``).
 
   Args:
     state: the current state.
-    images: ``(B, H, W, C)`` uint8 batch (augmented and normalised here).
+    pixels: ``(B, H, W, C)`` uint8 batch, already cropped and flipped (normalised here).
     labels: ``(B,)`` int32.
-    key: PRNG key of the batch's augmentation.
     mean, std: ``(C,)`` per-channel train statistics, pixel units.
     model: the network.
     tx: the optimiser.
-    options: augmentation and loss options.
+    options: the loss options (``label_smoothing``).
 
   Returns:
     ``(new state, (loss, accuracy))``: the batch's mean cross-entropy (without any L2
     term) and accuracy, ``()`` float32, measured before the update.
   """
-  if options.augment:
-    x = data_lib.augment(key, images, mean, std, pad=options.crop_padding)
-  else:
-    x = data_lib.normalize(images, mean, std)
+  x = data_lib.normalize(pixels, mean, std)
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
@@ -175,6 +218,14 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   return new_state, (loss, (logits.argmax(-1) == labels).mean())
 
 
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
+               mean: jax.Array, std: jax.Array, *, model, tx: optax.GradientTransformation,
+               options: StepOptions) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """``augment_batch`` with ``key`` then ``fit_step``: one step on a raw uint8 batch."""
+  return fit_step(state, augment_batch(key, images, options), labels, mean, std, model=model,
+                  tx=tx, options=options)
+
+
 # -- the epoch -------------------------------------------------------------------------------
 
 
@@ -188,23 +239,69 @@ def epoch_plan(key: jax.Array, num_train: int, batch_size: int
   return order.reshape(steps, batch_size), jax.random.split(step_key, steps)
 
 
-def indexed_step(step: Callable, batch_sharding=None) -> Callable:
-  """``step`` reading its batch from the whole split by index:
-  ``(state, images, labels, index (B,), key, mean, std) -> step's output``."""
+def epoch_batches(key: jax.Array, images: jax.Array, labels: jax.Array, *, batch_size: int,
+                  options: StepOptions, batch_sharding=None) -> tuple[jax.Array, jax.Array]:
+  """An epoch's training batches, shuffled and augmented, from one epoch key.
 
-  def run(state, images, labels, index, key, mean, std):
+  It reads no network, so a search compiles it once for every candidate (per data shape,
+  batch and options); each candidate's own program is then only its steps (``fit_step``).
+  Batch ``i`` is gathered by ``epoch_plan``'s order and augmented with its ``i``-th step key
+  under ``lax.map`` (a loop: the RBG generator does not draw under ``vmap`` what it draws
+  one call at a time), so the batches are exactly those a step gathering and augmenting its
+  own batch would make.
+
+  Args:
+    key: the epoch's key.
+    images: ``(N, H, W, C)`` uint8, the whole training split on the device.
+    labels: ``(N,)`` int32.
+    batch_size: images per step.
+    options: the augmentation.
+    batch_sharding: where a batch lives when the candidate spans several devices.
+
+  Returns:
+    ``(pixels (steps, B, H, W, C) uint8, labels (steps, B) int32)``.
+  """
+  order, step_keys = epoch_plan(key, images.shape[0], batch_size)
+
+  def one(xs):
+    index, step_key = xs
     batch = images[index]
     if batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    return step(state, batch, labels[index], key, mean, std)
+    return augment_batch(step_key, batch, options), labels[index]
 
-  return run
+  return jax.lax.map(one, (order, step_keys))
+
+
+def fit_epoch(state: TrainState, pixels: jax.Array, labels: jax.Array, mean: jax.Array,
+              std: jax.Array, *, step: Callable
+              ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """One epoch of prepared batches (``epoch_batches``) as one ``lax.scan`` of ``step``.
+
+  Args:
+    state: the state before the epoch.
+    pixels: ``(steps, B, H, W, C)`` uint8 augmented batches.
+    labels: ``(steps, B)`` int32.
+    mean, std: ``(C,)`` per-channel train statistics.
+    step: ``(state, pixels, labels, mean, std) -> (state, (loss, accuracy))``, e.g.
+      ``fit_step`` with its model, optimiser and options bound.
+
+  Returns:
+    ``(state, (loss, accuracy))``: means over the epoch's batches, ``()`` float32.
+  """
+
+  def body(state, xs):
+    return step(state, *xs, mean, std)
+
+  state, (loss, accuracy) = jax.lax.scan(body, state, (pixels, labels))
+  return state, (loss.mean(), accuracy.mean())
 
 
 def train_epoch(state: TrainState, key: jax.Array, images: jax.Array, labels: jax.Array,
                 mean: jax.Array, std: jax.Array, *, step: Callable, batch_size: int,
-                batch_sharding=None) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-  """One epoch as one ``lax.scan`` of ``step`` over the epoch's batches.
+                options: StepOptions, batch_sharding=None
+                ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  """``epoch_batches`` then ``fit_epoch``: one epoch of the whole split in one program.
 
   Args:
     state: the state before the epoch.
@@ -212,23 +309,17 @@ def train_epoch(state: TrainState, key: jax.Array, images: jax.Array, labels: ja
     images: ``(N, H, W, C)`` uint8, the whole training split on the device.
     labels: ``(N,)`` int32.
     mean, std: ``(C,)`` per-channel train statistics.
-    step: ``(state, images, labels, key, mean, std) -> (state, (loss, accuracy))``, e.g.
-      ``train_step`` with its model, optimiser and options bound.
+    step: as ``fit_epoch``'s.
     batch_size: images per step.
-    batch_sharding: where a batch lives when the candidate spans several devices.
+    options: the augmentation.
+    batch_sharding: where a batch lives when the model spans several devices.
 
   Returns:
     ``(state, (loss, accuracy))``: means over the epoch's batches, ``()`` float32.
   """
-  order, step_keys = epoch_plan(key, images.shape[0], batch_size)
-  one = indexed_step(step, batch_sharding)
-
-  def body(state, xs):
-    index, step_key = xs
-    return one(state, images, labels, index, step_key, mean, std)
-
-  state, (loss, accuracy) = jax.lax.scan(body, state, (order, step_keys))
-  return state, (loss.mean(), accuracy.mean())
+  pixels, batch_labels = epoch_batches(key, images, labels, batch_size=batch_size,
+                                       options=options, batch_sharding=batch_sharding)
+  return fit_epoch(state, pixels, batch_labels, mean, std, step=step)
 
 
 # -- evaluation ------------------------------------------------------------------------------

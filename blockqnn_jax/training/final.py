@@ -119,22 +119,23 @@ def final_optimizer(config: FinalTrainConfig, steps_per_epoch: int
 
 
 def final_step(model: networks.BlockNet, config: FinalTrainConfig, steps_per_epoch: int
-               ) -> tuple[optax.GradientTransformation, Callable]:
-  """``engine.train_step`` with the final network's model, optimiser and options bound.
+               ) -> tuple[optax.GradientTransformation, engine.StepOptions, Callable]:
+  """``engine.fit_step`` with the final network's model, optimiser and options bound.
 
   Returns:
-    ``(tx, step)``: the optimiser and ``step(state, images, labels, key, mean, std) ->
-    (state, (loss, accuracy))``.
+    ``(tx, options, step)``: the optimiser, the augmentation and loss options, and
+    ``step(state, pixels, labels, mean, std) -> (state, (loss, accuracy))`` on batches
+    already augmented (``engine.epoch_batches`` with ``options``).
   """
   tx = final_optimizer(config, steps_per_epoch)
   options = engine.StepOptions(augment=config.augment, crop_padding=config.crop_padding,
                                label_smoothing=config.label_smoothing)
 
-  def step(state, images, labels, key, mean, std):
-    return engine.train_step(state, images, labels, key, mean, std, model=model, tx=tx,
-                             options=options)
+  def step(state, pixels, labels, mean, std):
+    return engine.fit_step(state, pixels, labels, mean, std, model=model, tx=tx,
+                           options=options)
 
-  return tx, step
+  return tx, options, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,7 @@ def compile_programs(model: networks.BlockNet, config: FinalTrainConfig,
     image_shape: ``(H, W, C)`` of an input image.
     steps_per_epoch: optimiser steps per epoch (the schedule's unit).
   """
-  tx, step = final_step(model, config, steps_per_epoch)
+  tx, options, step = final_step(model, config, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
 
   def init(key):
@@ -176,7 +177,8 @@ def compile_programs(model: networks.BlockNet, config: FinalTrainConfig,
 
   def epoch(state, key, images, labels, mean, std):
     state, (loss, accuracy) = engine.train_epoch(state, key, images, labels, mean, std,
-                                                 step=step, batch_size=config.batch_size)
+                                                 step=step, batch_size=config.batch_size,
+                                                 options=options)
     return state, {'loss': loss, 'accuracy': accuracy,
                    'learning_rate': schedule(state.step - 1)}
 

@@ -2,7 +2,7 @@
 
 CIFAR-sized data lives on the device (``candidate.CandidateTrainer``). ImageNet-sized data
 cannot: here the host decodes batches ahead on background threads (``data.stream_batches``)
-while the device runs one compiled ``engine.train_step`` per batch. The search still never
+while the device runs one compiled ``engine.fit_step`` per batch. The search still never
 sees the test split: ``StreamData.open`` holds a validation part out of the *training*
 split (deterministic given the seed), and candidates train on the rest.
 
@@ -114,14 +114,20 @@ class OpenStream:
 
 @dataclasses.dataclass
 class CompiledStep:
-  init: Any
-  step: Any
+  model: Any  # the network and optimiser, for the initial state (built op by op)
+  tx: Any
+  step: Any  # (state, pixels, labels, mean, std) -> (state, loss), augmented batches
   evaluate: Any
   compile_s: float
 
 
 class StreamingTrainer(candidate_lib.CandidateScorer):
-  """Scores candidates on streamed batches; the counterpart of ``CandidateTrainer``."""
+  """Scores candidates on streamed batches; the counterpart of ``CandidateTrainer``.
+
+  As there, a candidate compiles only what depends on its block (one training step on an
+  augmented batch, one validation batch); the augmentation of a streamed batch is one
+  program shared by every candidate, and the initial state is built op by op.
+  """
 
   def __init__(self, stream: OpenStream, devices: Sequence[jax.Device],
                train_config: TrainConfig, reward_config: RewardConfig,
@@ -137,59 +143,80 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
     g = self.group
     self.mean = jax.device_put(np.asarray(stream.data.mean, np.float32), g.replicated)
     self.std = jax.device_put(np.asarray(stream.data.std, np.float32), g.replicated)
+    self._shared = candidate_lib.CompileCache(max_entries=2)
 
   def _data_shapes(self) -> tuple:
     return ('stream', self.image_shape, len(self.stream.train_indices))
 
+  def _key_abstract(self) -> jax.ShapeDtypeStruct:
+    rng = jax.eval_shape(lambda: jax.random.key(0, impl=self.train_config.prng_impl))
+    return self.group.abstract(rng.shape, rng.dtype)
+
+  def _batch(self, n: int, shape, dtype) -> jax.ShapeDtypeStruct:
+    return self.group.abstract((n,) + tuple(shape), dtype, self.group.batched)
+
+  def augmentation(self):
+    """The compiled ``(data_key, i, images) -> pixels``: batch ``i``'s crop and flip with
+    ``fold_in(data_key, i)``, one program for every candidate."""
+    g, config = self.group, self.train_config
+    options = engine.StepOptions(augment=config.augment)
+
+    def augment(data_key, i, images):
+      return engine.augment_batch(jax.random.fold_in(data_key, i), images, options)
+
+    def compile_it():
+      return engine.compile_lowered(jax.jit(augment, out_shardings=g.batched).lower(
+          self._key_abstract(), g.abstract((), jnp.int32),
+          self._batch(config.batch_size, self.image_shape, jnp.uint8)), self.compiler_options)
+
+    key = ('augment', self.image_shape, config.batch_size, config.augment, config.prng_impl,
+           tuple(d.id for d in g.devices))
+    return self._shared.get_or_compile(key, compile_it)[0]
+
   def _compile(self, prepared: PreparedBlock) -> CompiledStep:
-    """Compiles init, one training step and one validation batch."""
+    """Compiles one training step and one validation batch."""
     start = time.perf_counter()
     g, config = self.group, self.train_config
     model = self.model(prepared)
-    tx, one_step = candidate_lib.candidate_step(model, config, self.steps_per_epoch)
+    tx, _, fit_step = candidate_lib.candidate_step(model, config, self.steps_per_epoch)
 
-    def init(key):
-      return engine.init_state(key, model, tx, self.image_shape)
-
-    def step(state, images, labels, data_key, i, mean, std):
-      state, (loss, _) = one_step(state, images, labels, jax.random.fold_in(data_key, i),
-                                  mean, std)
+    def step(state, pixels, labels, mean, std):
+      state, (loss, _) = fit_step(state, pixels, labels, mean, std)
       return state, loss
 
     def evaluate(params, batch_stats, images, labels, weights, mean, std):
       return engine.eval_sums(params, batch_stats, images, labels, weights, mean, std,
                               model=model)
 
-    rng = jax.eval_shape(lambda: jax.random.key(0, impl=config.prng_impl))
-    key = g.abstract(rng.shape, rng.dtype)
-    init_l = jax.jit(init, out_shardings=g.replicated).lower(key)
-    state = jax.tree.map(lambda a: g.abstract(a.shape, a.dtype), init_l.out_info)
-    batch = lambda n, shape, dtype: g.abstract((n,) + tuple(shape), dtype, g.batched)
+    state = jax.tree.map(lambda a: g.abstract(a.shape, a.dtype), jax.eval_shape(
+        lambda key: engine.init_state(key, model, tx, self.image_shape), self._key_abstract()))
     stats = g.abstract(self.mean.shape, jnp.float32)
     b, e = config.batch_size, config.eval_batch_size
-    index = g.abstract((), jnp.int32)
     step_c = jax.jit(step, donate_argnums=(0,), out_shardings=g.replicated).lower(
-        state, batch(b, self.image_shape, jnp.uint8), batch(b, (), jnp.int32), key, index,
+        state, self._batch(b, self.image_shape, jnp.uint8), self._batch(b, (), jnp.int32),
         stats, stats)
     eval_c = jax.jit(evaluate, out_shardings=g.replicated).lower(
-        state.params, state.batch_stats, batch(e, self.image_shape, jnp.uint8),
-        batch(e, (), jnp.int32), batch(e, (), jnp.float32), stats, stats)
-    return CompiledStep(init_l.compile(), step_c.compile(), eval_c.compile(),
+        state.params, state.batch_stats, self._batch(e, self.image_shape, jnp.uint8),
+        self._batch(e, (), jnp.int32), self._batch(e, (), jnp.float32), stats, stats)
+    return CompiledStep(model, tx, engine.compile_lowered(step_c, self.compiler_options),
+                        engine.compile_lowered(eval_c, self.compiler_options),
                         time.perf_counter() - start)
 
   def _train(self, prepared: PreparedBlock, compiled: CompiledStep, seed: int
              ) -> candidate_lib.Trained:
     g, config = self.group, self.train_config
-    init_key, data_key = (jax.device_put(k, g.replicated) for k in jax.random.split(
-        jax.random.key(seed, impl=config.prng_impl)))
-    state = compiled.init(init_key)
+    augment = self.augmentation()
+    with jax.default_device(g.devices[0]):  # op by op: small programs every candidate shares
+      init_key, data_key = jax.random.split(jax.random.key(seed, impl=config.prng_impl))
+      state = engine.init_state(init_key, compiled.model, compiled.tx, self.image_shape)
+    state, data_key = jax.device_put((state, data_key), g.replicated)
     t0 = time.perf_counter()
     epoch_losses, losses = [], []
     stream = self.stream.batches('train', config.batch_size, seed=seed,
                                  num_epochs=config.epochs)
     for i, (images, labels) in enumerate(stream):
-      state, loss = compiled.step(state, jax.device_put(images, g.batched),
-                                  jax.device_put(labels, g.batched), data_key, i, self.mean,
+      pixels = augment(data_key, i, jax.device_put(images, g.batched))
+      state, loss = compiled.step(state, pixels, jax.device_put(labels, g.batched), self.mean,
                                   self.std)
       losses.append(loss)
       if len(losses) == self.steps_per_epoch:
