@@ -106,13 +106,17 @@ class Candidate(EvalResult):
   """A recorded candidate: its result plus where the search sampled it.
 
   ``cached``: the result was reused from an earlier identical block (same canonical key),
-  not trained for this row. ``id`` orders rows by when they were recorded.
+  not trained for this row. ``shared``: the result came from the evaluation cache shared
+  with other searches (``eval_cache``): another search (or an earlier one) trained it; it
+  counts as this search's distinct candidate all the same. ``id`` orders rows by when they
+  were recorded.
   """
 
   iteration: int = 0
   position: int = 0
   epsilon: float = NAN
   cached: bool = False
+  shared: bool = False
   id: int = 0
   created_at: float = 0.0
 
@@ -123,10 +127,10 @@ class Candidate(EvalResult):
 
   @classmethod
   def of(cls, result: EvalResult, *, iteration: int, position: int, epsilon: float,
-         cached: bool, **fields) -> 'Candidate':
+         cached: bool, shared: bool = False, **fields) -> 'Candidate':
     values = {f.name: getattr(result, f.name) for f in dataclasses.fields(EvalResult)}
     return cls(**values, iteration=iteration, position=position, epsilon=float(epsilon),
-               cached=bool(cached), **fields)
+               cached=bool(cached), shared=bool(shared), **fields)
 
 
 # -- the table's columns ---------------------------------------------------------------------

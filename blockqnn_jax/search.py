@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockqnn_jax import canonical
+from blockqnn_jax import eval_cache as eval_cache_lib
 from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import results
@@ -57,9 +58,10 @@ class SearchFailed(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SearchSummary:
-  """The whole search so far: ``candidates`` rows, of which ``trained`` were trained
-  (``trained_failed`` of them failed) and ``cached`` reused an identical block's result;
-  ``failed`` counts every failed row, reused ones included."""
+  """The whole search so far: ``candidates`` rows, of which ``trained`` are distinct blocks
+  evaluated (``trained_failed`` of them failed; ``shared`` of them read from the evaluation
+  cache shared with other searches instead of trained here) and ``cached`` reused an
+  identical block's result; ``failed`` counts every failed row, reused ones included."""
 
   iterations_done: int
   candidates: int
@@ -70,6 +72,7 @@ class SearchSummary:
   wall_s: float
   worker_idle_fraction: float | None = None  # when the executor reports its utilisation
   trained_failed: int = 0
+  shared: int = 0
 
   @property
   def cache_hit_rate(self) -> float:
@@ -153,8 +156,8 @@ class _Iteration:
 def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
                allow_config_change: bool = False,
                max_iterations: int | None = None, progress: bool = True,
-               on_recorded: Callable[[int, int, EvalResult], None] | None = None
-               ) -> SearchSummary:
+               on_recorded: Callable[[int, int, EvalResult], None] | None = None,
+               eval_cache: eval_cache_lib.EvalCache | None = None) -> SearchSummary:
   """Runs (or resumes) the search of ``settings`` in ``workdir`` on ``executor``.
 
   With ``search.max_staleness = S`` the agent may sample iteration ``j`` as soon as iteration
@@ -174,6 +177,9 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
     progress: show a progress bar.
     on_recorded: called with (iteration, position, result) after each record (tests use
       it to interrupt a search at a chosen moment).
+    eval_cache: the evaluation cache shared with other searches, required when
+      ``search.eval_cache`` names one (``open_eval_cache``): a block found there is recorded
+      with its stored result (``shared``), one trained here is stored there.
 
   Returns:
     A summary of the whole search so far.
@@ -183,16 +189,22 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
     ConfigMismatch: the workdir holds a search with a different config.
     SearchFailed: candidates keep failing for a reason that is not about the blocks.
   """
+  if settings.search.eval_cache and eval_cache is None:
+    raise ValueError('search.eval_cache names a shared cache: pass eval_cache= '
+                     '(open_eval_cache(settings, data, platform))')
+  if eval_cache is not None and not settings.search.eval_cache:
+    raise ValueError('eval_cache= given but search.eval_cache is empty: the search would '
+                     'train with seeds of its own, not the cache\'s')
   with workdir_lock.WorkdirLock(workdir, purpose='search'):  # WorkdirBusy: someone else's
     return _run_search(settings, workdir, executor, allow_config_change=allow_config_change,
                        max_iterations=max_iterations, progress=progress,
-                       on_recorded=on_recorded)
+                       on_recorded=on_recorded, cache=eval_cache)
 
 
 def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
                 allow_config_change: bool, max_iterations: int | None, progress: bool,
-                on_recorded: Callable[[int, int, EvalResult], None] | None
-                ) -> SearchSummary:
+                on_recorded: Callable[[int, int, EvalResult], None] | None,
+                cache: eval_cache_lib.EvalCache | None) -> SearchSummary:
   start = time.perf_counter()
   store = store_lib.ResultsStore(workdir)
   check_config(store, settings, allow_config_change)
@@ -229,9 +241,15 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
   finished_here = 0
   failures = _FailureWatch(settings.search.stop_after_failures)
 
-  def record(it: _Iteration, position: int, result: EvalResult, was_cached: bool):
+  def training_seed(key: str) -> int:
+    if cache is not None:  # the same for every search sharing the cache
+      return eval_cache_lib.block_seed(key)
+    return candidate_seed(settings.seed, key)
+
+  def record(it: _Iteration, position: int, result: EvalResult, was_cached: bool,
+             shared: bool = False):
     it.results[position], it.cached[position] = result, was_cached
-    store.record(it.index, position, it.epsilon, result, was_cached)
+    store.record(it.index, position, it.epsilon, result, was_cached, shared)
     bar.update(1)
     if on_recorded is not None:
       on_recorded(it.index, position, result)
@@ -279,8 +297,10 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
                                                  block=block.to_text()), True)
       elif key in training:  # the same block is training for this or an earlier iteration
         waiters[training[key]][1].append((index, position))
+      elif cache is not None and (shared := cache.get(key, training_seed(key))) is not None:
+        record(it, position, dataclasses.replace(shared, block=block.to_text()), False, True)
       else:
-        future = executor.submit(block, seed=candidate_seed(settings.seed, key))
+        future = executor.submit(block, seed=training_seed(key))
         training[key] = future
         waiters[future] = (key, [(index, position)])
 
@@ -299,10 +319,13 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
           key, positions = waiters.pop(future)
           del training[key]
           finished_here += 1
+          shared = False
+          if cache is not None:  # another search may have stored it first: take that one
+            result, shared = cache.put(key, training_seed(key), result)
           for n, (index, position) in enumerate(positions):  # the trained block, then copies
             owner = pending[index]
-            record(owner, position, result if n == 0 else dataclasses.replace(
-                result, block=owner.blocks[position].to_text()), n > 0)
+            record(owner, position, result if n == 0 and not shared else dataclasses.replace(
+                result, block=owner.blocks[position].to_text()), n > 0, shared and n == 0)
       # In (iteration, position) order, so whether a search stops never depends on timing;
       # after recording (the failures are kept), before the agent learns reward 0 from them.
       for result, was_cached in zip(it.results, it.cached):
@@ -339,9 +362,25 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
       failed=store.count("WHERE status = 'failed'"), best=store.best(),
       wall_s=time.perf_counter() - start,
       worker_idle_fraction=None if utilisation is None else 1 - utilisation(),
-      trained_failed=store.count("WHERE cached = 0 AND status = 'failed'"))
+      trained_failed=store.count("WHERE cached = 0 AND status = 'failed'"),
+      shared=store.count('WHERE cached = 0 AND shared = 1'))
   store.close()
   return summary
+
+
+def open_eval_cache(settings: SearchSettings, data, platform: str
+                    ) -> eval_cache_lib.EvalCache | None:
+  """The shared evaluation cache ``search.eval_cache`` names (None when it names none), at
+  the fidelity of ``settings`` on ``data`` (in-memory splits or a stream) and with
+  ``train.compute_dtype='auto'`` read as it runs on ``platform``."""
+  if not settings.search.eval_cache:
+    return None
+  from blockqnn_jax.training import engine  # pylint: disable=import-outside-toplevel
+  dtype = engine.resolve_dtype(settings.train.compute_dtype, platform)
+  train = dataclasses.replace(settings.train, compute_dtype=jnp.dtype(dtype).name)
+  fidelity, description = eval_cache_lib.fidelity_of(train, settings.network, settings.reward,
+                                                     data)
+  return eval_cache_lib.EvalCache(settings.search.eval_cache, fidelity, description)
 
 
 # fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).

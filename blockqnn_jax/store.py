@@ -224,10 +224,11 @@ class ResultsStore:
   # -- candidates ---------------------------------------------------------------------------
 
   def record(self, iteration: int, position: int, epsilon: float, result: EvalResult,
-             cached: bool) -> None:
-    """Records one candidate; a second record of the same (iteration, position) is ignored."""
+             cached: bool, shared: bool = False) -> None:
+    """Records one candidate; a second record of the same (iteration, position) is ignored.
+    ``shared``: the result came from the evaluation cache shared with other searches."""
     row = results.to_row(Candidate.of(result, iteration=iteration, position=position,
-                                      epsilon=epsilon, cached=cached,
+                                      epsilon=epsilon, cached=cached, shared=shared,
                                       created_at=time.time()))
     with self._lock:
       self._db.execute(

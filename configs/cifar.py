@@ -66,6 +66,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       population=10,  # evolution's P
       tournament=3,  # evolution's S
       stop_after_failures=10,  # this many failures in a row for one reason stop the search
+      # A file of evaluations shared with other searches on the same data and fidelity
+      # (each block trained once by any of them; its seed derived from the block): ''=none.
+      eval_cache='',
   ))
 
   # The network a candidate block is stacked into during the search: stem, three stages of
@@ -89,6 +92,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       path='',
       validation_size=5000,
       max_train=0,  # 0 = all
+      holdout_seed=-1,  # which images are held out; -1 = the search's seed
   ))
 
   # Early-stop training of each candidate (train.TrainConfig): 12 epochs of Adam, lr 1e-3

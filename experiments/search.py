@@ -18,6 +18,7 @@ import contextlib
 from pathlib import Path
 
 from absl import flags
+import jax
 from absl import logging
 from ml_collections import config_flags
 
@@ -55,7 +56,8 @@ def _summary_lines(summary: search_lib.SearchSummary, workdir: Path) -> list[str
       f'iterations {summary.iterations_done}, candidates {summary.candidates} (trained '
       f'{summary.trained - summary.trained_failed}, failed in training '
       f'{summary.trained_failed}, reused {summary.cached}'
-      f'{f" of which {reused_failed} failed" if reused_failed else ""}), '
+      f'{f" of which {reused_failed} failed" if reused_failed else ""}'
+      f'{f", read from the shared cache {summary.shared}" if summary.shared else ""}), '
       f'cache hit rate {summary.cache_hit_rate:.1%}, {summary.wall_s:.0f} s']
   if summary.worker_idle_fraction is not None:
     lines.append(f'workers idle {summary.worker_idle_fraction:.1%} of the time')
@@ -80,7 +82,8 @@ def main(argv):
       # data loads. run_search takes it again on this thread (the lock is re-entrant).
       holding.enter_context(workdir_lock.WorkdirLock(workdir, purpose='search'))
       _check_store(workdir)
-    splits = streamed.load_search_data(settings.data, settings.network, settings.seed)
+    splits = streamed.load_search_data(settings.data, settings.network,
+                                       settings.data.holdout(settings.seed))
     if isinstance(splits, streamed.OpenStream):
       logging.info('data %s (streamed): %d train / %d validation images at %s', splits.name,
                    len(splits.train_indices), len(splits.val_indices), splits.image_shape)
@@ -96,12 +99,17 @@ def main(argv):
     # Programs of candidates in flight at a kill are reloaded, not recompiled, on resume.
     compile_cache = workdir.resolve() / 'compile_cache'
     candidate_lib.enable_persistent_compilation_cache(compile_cache)
+    shared = search_lib.open_eval_cache(settings, splits, jax.default_backend())
+    if shared is not None:
+      holding.callback(shared.close)
+      logging.info('evaluation cache %s: %d results at this fidelity', shared.path,
+                   shared.count())
     with executor_lib.make_executor(splits, settings,
                                     compile_cache_dir=str(compile_cache)) as executor:
       summary = search_lib.run_search(settings, workdir, executor,
                                       allow_config_change=_ALLOW.value,
                                       max_iterations=_MAX_ITERATIONS.value,
-                                      progress=_PROGRESS.value)
+                                      progress=_PROGRESS.value, eval_cache=shared)
   print('\n'.join(_summary_lines(summary, workdir)))
 
 
