@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from typing import Any, Callable, Protocol
 
@@ -215,7 +216,8 @@ def neighbours(space: SearchSpace, states: jnp.ndarray, length: jnp.ndarray):
     ``(paths, lengths, ok)``: ``(S, T+1)``, ``(S,)`` and ``(S,)`` bool, S = num_states.
     Row s is the path with state s at its index: a replaced layer, the terminal one index
     earlier (the last layer dropped) or a layer appended before the terminal; ``ok`` says
-    which rows are neighbours (different, structurally legal and ``path_valid``).
+    which rows are neighbours (another block, also canonically, structurally legal and
+    ``path_valid``).
   """
   index = _index(space)
   _, _, terminal_at = _groups(space)
@@ -233,7 +235,14 @@ def neighbours(space: SearchSpace, states: jnp.ndarray, length: jnp.ndarray):
   next_terminal = terminal_at[jnp.minimum(index + 1, space.max_index)]
   paths = jnp.where(append[:, None] & after, next_terminal[:, None], paths)
   lengths = jnp.where(drop, length - 1, jnp.where(append, length + 1, length))
-  return paths, lengths, structural & path_valid(space, paths, lengths)
+  return paths, lengths, (structural & path_valid(space, paths, lengths)
+                          & _differs(space, paths, states))
+
+
+def _differs(space: SearchSpace, paths: jnp.ndarray, path: jnp.ndarray) -> jnp.ndarray:
+  """``(S,)`` bool: which of ``paths`` ``(S, T+1)`` is another block than ``path`` (by
+  ``key_hash``: on NSC an equivalent block is the same block)."""
+  return (key_hash(space, paths) != key_hash(space, path[None])).any(axis=-1)
 
 
 MUTATION_ATTEMPTS = 8
@@ -252,8 +261,9 @@ def mutate(space: SearchSpace, key: jax.Array, trajectories: Trajectories,
   The position is uniform over those with at least one structural alternative; the new
   state is uniform over the other states at that position (the terminal only where it drops
   the last layer). On NAS-Bench-201 this is "one uniform edge gets a uniform other op", and
-  never fails. On NSC a change that breaks ``path_valid`` is redrawn, up to
-  ``MUTATION_ATTEMPTS`` times; if all fail, the path comes back unchanged.
+  never fails. On NSC a change that breaks ``path_valid``, or gives an equivalent block
+  (``key_hash``), is redrawn, up to ``MUTATION_ATTEMPTS`` times; if all fail, the path
+  comes back unchanged.
 
   Args:
     space: the search space.
@@ -293,7 +303,7 @@ def mutate(space: SearchSpace, key: jax.Array, trajectories: Trajectories,
     paths = jnp.where(at | (is_term[:, None] & after), new[:, None], states[None, :])
     paths = jnp.where(append, terminal_at[jnp.minimum(position + 1, T)][:, None], paths)
     lengths = jnp.where(is_term, length - 1, jnp.where(position == length, length + 1, length))
-    legal &= path_valid(space, paths, lengths)
+    legal &= path_valid(space, paths, lengths) & _differs(space, paths, states)
     chosen = jnp.argmax(legal)
     found = legal[chosen]
     return jnp.where(found, paths[chosen], states), jnp.where(found, lengths[chosen], length)
@@ -335,9 +345,53 @@ def path_hash(states: jnp.ndarray) -> jnp.ndarray:
   return jnp.stack(out, axis=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _host_space(grammar) -> SearchSpace:
+  from blockqnn_jax import space as space_lib  # pylint: disable=import-outside-toplevel
+  return space_lib.build_space(grammar)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _canonical_hash(grammar, row: tuple[int, ...]) -> tuple[int, int]:
+  """Two uint32 of the sha256 of a path's canonical key (``canonical.canonical_key``); a
+  row that is no block (an empty slot of a population) hashes as its raw states."""
+  from blockqnn_jax import canonical  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax import nsc  # pylint: disable=import-outside-toplevel
+  try:
+    key = canonical.canonical_key(_host_space(grammar).decode(np.asarray(row)))
+  except nsc.NSCError:
+    key = f'raw:{row}'
+  digest = hashlib.sha256(key.encode()).digest()
+  return int.from_bytes(digest[:4], 'little'), int.from_bytes(digest[4:8], 'little')
+
+
+def _canonical_hashes(grammar, states: np.ndarray) -> np.ndarray:
+  states = np.asarray(states)
+  flat = states.reshape(-1, states.shape[-1])
+  out = np.asarray([_canonical_hash(grammar, tuple(int(v) for v in row)) for row in flat],
+                   np.uint32).reshape(states.shape[:-1] + (2,))
+  return out
+
+
+def key_hash(space: SearchSpace, states: jnp.ndarray) -> jnp.ndarray:
+  """``(..., T+1)`` paths to ``(..., 2)`` uint32: a 64-bit hash of what makes a block
+  itself. On NSC spaces that is its canonical key (``canonical.canonical_key``), so blocks
+  that build the same network (merge operands swapped, independent layers renumbered,
+  identity-like layers contracted) hash alike and count as one block tried; elsewhere
+  (NAS-Bench-201) the raw path (``path_hash``). The canonical form is computed on the host
+  (``jax.pure_callback``); jittable and vmappable."""
+  states = jnp.asarray(states)
+  if space.grammar is None:
+    return path_hash(states)
+  shape = jax.ShapeDtypeStruct(states.shape[:-1] + (2,), jnp.uint32)
+  return jax.pure_callback(functools.partial(_canonical_hashes, space.grammar), shape,
+                           states, vmap_method='broadcast_all')
+
+
 @flax.struct.dataclass
 class TriedSet:
-  """Hashes of the blocks told so far, in a ring of fixed capacity (the oldest forgotten)."""
+  """Hashes (``key_hash``) of the blocks told so far, in a ring of fixed capacity (the
+  oldest forgotten)."""
 
   hashes: jnp.ndarray  # (capacity, 2) uint32
   size: jnp.ndarray  # () int32, valid entries
@@ -379,18 +433,20 @@ def tried_add(tried: TriedSet, hashes: jnp.ndarray) -> tuple[TriedSet, jnp.ndarr
   return tried, new_count
 
 
-def _first_acceptable(candidates: Trajectories, acceptable: jnp.ndarray,
+def _first_acceptable(space: SearchSpace, candidates: Trajectories, acceptable: jnp.ndarray,
                       fallback: Trajectories, avoid_duplicates: bool) -> Trajectories:
   """Per slot, the first acceptable of K candidates, else the fallback.
 
   Args:
+    space: the search space (blocks are compared by ``key_hash``).
     candidates: ``states`` ``(K, n, T+1)``, ``lengths`` ``(K, n)``.
     acceptable: ``(K, n)`` bool (legal and not tried before).
     fallback: ``(n, ...)`` used where no candidate is acceptable.
     avoid_duplicates: also reject a candidate equal to an earlier slot's choice.
   """
   n = acceptable.shape[1]
-  hashes = path_hash(candidates.states)  # (K, n, 2)
+  hashes = key_hash(space, candidates.states)  # (K, n, 2)
+  fallback_hashes = key_hash(space, fallback.states)  # (n, 2)
 
   def slot(chosen, j):
     ok = acceptable[:, j]
@@ -402,7 +458,7 @@ def _first_acceptable(candidates: Trajectories, acceptable: jnp.ndarray,
     found = ok[k]
     states = jnp.where(found, candidates.states[k, j], fallback.states[j])
     length = jnp.where(found, candidates.lengths[k, j], fallback.lengths[j])
-    chosen = chosen.at[j].set(path_hash(states))
+    chosen = chosen.at[j].set(jnp.where(found, hashes[k, j], fallback_hashes[j]))
     return chosen, (states, length)
 
   _, (states, lengths) = jax.lax.scan(slot, jnp.zeros((n, 2), jnp.uint32), jnp.arange(n))
@@ -661,7 +717,7 @@ class QLearner:
       mutations with this mean, capped at ``max_mutations``.
     max_mutations: most layers changed (static: that many mutation passes are computed).
     avoid_repeats: do not propose a block already told or already in the same ask: redraw
-      up to ``max_resamples`` times (raw trajectories compared by ``path_hash``), then take
+      up to ``max_resamples`` times (blocks compared by ``key_hash``: canonically), then take
       a uniform random block. On NSC spaces this also redraws invalid blocks.
     max_resamples: redraws per proposal.
     restart: with 'mutation' exploration and ``avoid_repeats``, when the greedy block and
@@ -743,7 +799,7 @@ class QLearner:
     # ``learn`` donates Q: hand it a copy, so the caller's old state stays usable.
     q, memory = ql.learn(key, jnp.array(state.q, copy=True), state.memory, space, proposals,
                          rewards, self.config)
-    tried, new = tried_add(state.tried, path_hash(proposals.states))
+    tried, new = tried_add(state.tried, key_hash(space, proposals.states))
     return state.replace(q=q, memory=memory, tried=tried, told=state.told + new)
 
 
@@ -797,11 +853,12 @@ def _qlearner_ask(self: QLearner, space, state: QLearnerState, key, n: int, iter
     candidates = _select(u[:, 1] < epsilon, rand, candidates)  # ε: a uniform random block
   acceptable = path_valid(space, candidates.states, candidates.lengths)
   if self.avoid_repeats:
-    acceptable &= ~tried_contains(state.tried, path_hash(candidates.states))
+    acceptable &= ~tried_contains(state.tried, key_hash(space, candidates.states))
   candidates = jax.tree.map(lambda x: x.reshape(draws, n, *x.shape[1:]), candidates)
   acceptable = acceptable.reshape(draws, n)
   levels = _mutation_levels(draws, self.max_mutations, self.avoid_repeats)
-  proposals = _first_acceptable(candidates, acceptable, fallback, self.avoid_repeats)
+  proposals = _first_acceptable(space, candidates, acceptable, fallback,
+                                self.avoid_repeats)
   if not self._restarts:
     return state, proposals
   # Slot 0 sees only the told blocks (later slots also avoid earlier ones): if nothing

@@ -354,3 +354,50 @@ def test_ask_returns_the_same_state_object_unless_it_can_move(nb_space):
     state = strategy.init(nb_space, key)
     asked, _ = strategy.ask(nb_space, state, key, N, 0)
     assert (asked is not state) == moves, strategy
+
+
+# -- "already tried" is canonical on NSC --------------------------------------------------
+
+def test_key_hash_is_equal_exactly_for_equivalent_blocks(nsc_space):
+  forms = [  # the residual block, written three equivalent ways
+      '1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,1,3 5,7,0,0,0',
+      '1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,3,1 5,7,0,0,0',  # add's operands swapped
+      '1,1,3,0,0 2,1,3,1,0 3,5,0,0,2 4,7,0,0,0',  # the identity contracted
+  ]
+  other = '1,1,3,0,0 2,1,3,1,0 3,5,0,1,2 4,7,0,0,0'
+  blocks = [nsc.parse(t, GRAMMAR) for t in forms + [other]]
+  rows = jnp.asarray(np.stack([nsc_space.encode(b) for b in blocks]))
+  hashes = np.asarray(st.key_hash(nsc_space, rows))
+  assert (hashes[0] == hashes[1]).all() and (hashes[0] == hashes[2]).all()
+  assert (hashes[0] != hashes[3]).any()
+  # The same under jit and vmap.
+  np.testing.assert_array_equal(jax.jit(st.key_hash)(nsc_space, rows), hashes)
+  np.testing.assert_array_equal(jax.vmap(lambda r: st.key_hash(nsc_space, r))(rows), hashes)
+  # Raw paths differ for the swapped form: path_hash alone would call them two blocks.
+  raw = np.asarray(st.path_hash(rows))
+  assert (raw[0] != raw[2]).any()
+
+
+def test_the_fast_agent_never_proposes_a_block_equivalent_to_one_it_was_told(nsc_space):
+  strategy = st.make_strategy('qlearning_fast', budget=48, tried_capacity=256)
+  reward = lambda states: np.asarray(
+      [len(canonical.canonical_key(nsc_space.decode(r))) % 97 / 97 for r in states],
+      np.float32)
+  _, proposals = _run(strategy, nsc_space, asks=12, reward=reward)
+  keys = [canonical.canonical_key(nsc_space.decode(r)) for p in proposals
+          for r in np.asarray(p.states)]
+  assert len(set(keys)) == len(keys) == 48
+
+
+def test_mutations_and_neighbours_are_other_blocks_canonically(nsc_space):
+  # Identity-like layers make many one-layer changes equivalent to the block itself.
+  block = nsc.parse('1,4,0,0,0 2,1,3,1,0 3,3,1,2,0 4,7,0,0,0', GRAMMAR)
+  row = jnp.asarray(nsc_space.encode(block))
+  own = canonical.canonical_key(block)
+  paths, _, ok = st.neighbours(nsc_space, row, jnp.int32(len(block.layers)))
+  keys = [canonical.canonical_key(nsc_space.decode(p)) for p in np.asarray(paths)[np.asarray(ok)]]
+  assert keys and own not in keys
+  parents = st.Trajectories(jnp.tile(row, (32, 1)), jnp.full((32,), len(block.layers)))
+  children = st.mutate(nsc_space, jax.random.PRNGKey(0), parents)
+  assert all(canonical.canonical_key(nsc_space.decode(c)) != own
+             for c in np.asarray(children.states))
