@@ -215,7 +215,7 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
   staleness = settings.search.max_staleness
   failed_reward = settings.search.failed_reward
   base_key = jax.random.PRNGKey(settings.seed)
-  budget = schedule.num_iterations * batch
+  budget = settings.search.distinct_budget
 
   saved = store.load_agent()
   if saved is None:
@@ -231,6 +231,8 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
   last = schedule.num_iterations
   if max_iterations is not None:
     last = min(last, first_iteration + max_iterations)
+  if settings.search.budget and store.count('WHERE cached = 0') >= settings.search.budget:
+    last = first_iteration  # spent: a resumed search trains nothing more
   writer = _tensorboard(Path(workdir))
   bar = _Progress(schedule.num_iterations * batch, first_iteration * batch, progress)
   utilisation = getattr(executor, 'utilisation', None)
@@ -348,6 +350,9 @@ def _run_search(settings: SearchSettings, workdir: str | Path, executor, *,
       if busy is not None:
         postfix['idle'] = f'{1 - busy:.0%}'
       bar.update(0, **postfix)
+      if settings.search.budget and store.count('WHERE cached = 0') >= settings.search.budget:
+        logging.info('budget of %d distinct candidates reached', settings.search.budget)
+        break
   except BaseException:
     store.close()
     raise
@@ -393,8 +398,7 @@ def make_strategy(settings: SearchSettings) -> strategies.Strategy:
   if loop.strategy == 'qlearning':
     return strategies.QLearner(
         config=agent.qlearning, schedule=loop.schedule,
-        budget=(loop.schedule.num_iterations * loop.blocks_per_iteration
-                if agent.budget_sized else None),
+        budget=loop.distinct_budget if agent.budget_sized else None,
         exploration=agent.exploration, mutation_rate=agent.mutation_rate or None,
         max_mutations=agent.max_mutations, avoid_repeats=agent.avoid_repeats,
         max_resamples=agent.max_resamples, restart=agent.restart)

@@ -254,6 +254,10 @@ class LoopSettings:
       candidates in a row failed for the same reason that is not a fact about the block
       (out of memory, an error, a lost worker: see ``results.PERMANENT_FAILURES``), instead
       of teaching the agent reward 0 for hours; 0 never stops.
+    budget: distinct candidates to evaluate (trained, or read from ``eval_cache``): the
+      search stops after the iteration in which it has that many, and budget-sized agents
+      stretch their schedule over it. 0 (default): the schedule's iterations × blocks per
+      iteration, and the search runs the schedule to its end.
     eval_cache: a file of evaluations shared with other searches (``eval_cache``): a block
       any of them trained at this fidelity on this data is read from it, not trained again,
       and the training seed of a block is derived from the block alone, so every search
@@ -269,6 +273,7 @@ class LoopSettings:
   population: int = 10
   tournament: int = 3
   stop_after_failures: int = 10
+  budget: int = 0
   eval_cache: str = ''
 
   def __post_init__(self):
@@ -280,6 +285,8 @@ class LoopSettings:
            self.max_staleness)
     _check(self.stop_after_failures >= 0, 'search.stop_after_failures', 'must be >= 0',
            self.stop_after_failures)
+    _check(self.budget >= 0, 'search.budget', 'must be >= 0 (0: the schedule decides)',
+           self.budget)
     _one_of(self.strategy, STRATEGIES, 'search.strategy')
     _check(1 <= self.tournament <= self.population, 'search.tournament',
            f'must be in [1, population={self.population}]', self.tournament)
@@ -291,6 +298,11 @@ class LoopSettings:
   @property
   def schedule(self) -> ql.EpsilonSchedule:
     return ql.EpsilonSchedule(self.epsilon_schedule)
+
+  @property
+  def distinct_budget(self) -> int:
+    """Distinct candidates the search is sized for (``budget``, else the schedule's)."""
+    return self.budget or self.schedule.num_iterations * self.blocks_per_iteration
 
 
 @dataclasses.dataclass(frozen=True)

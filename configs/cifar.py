@@ -66,6 +66,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
       population=10,  # evolution's P
       tournament=3,  # evolution's S
       stop_after_failures=10,  # this many failures in a row for one reason stop the search
+      budget=0,  # distinct candidates to evaluate; 0 = iterations x blocks_per_iteration
       # A file of evaluations shared with other searches on the same data and fidelity
       # (each block trained once by any of them; its seed derived from the block): ''=none.
       eval_cache='',

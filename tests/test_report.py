@@ -387,7 +387,7 @@ def test_compare_searches_by_distinct_candidates(tmp_path):
   a = search('a', 'qlearning', twelve + [(0.9, True)])  # the cached 0.9 costs nothing...
   b = search('b', 'random', [(0.2, False)] * 11)
   curve = compare.load_curve(a)
-  assert curve.trained == 12 and curve.strategy == 'qlearning'
+  assert curve.trained == 12 and curve.strategy == 'qlearning_paper'
   assert curve.best[-1] == pytest.approx(0.4)  # ...and is not a find of this search
   assert math.isnan(curve.top_mean[8]) and curve.top_mean[9] == pytest.approx(
       np.mean(sorted(0.1 * (i % 5) for i in range(10))[::-1][:10]))
@@ -396,3 +396,37 @@ def test_compare_searches_by_distinct_candidates(tmp_path):
   text = md.read_text()
   assert 'common budget of 11 distinct candidates' in text
   assert '| random | 1 | 0.2000 ± 0.0000 | 0.2000 ± 0.0000 |' in text
+  # Seed 1 of both: the Q-learner's top-10 at 11 candidates minus random's.
+  assert '| qlearning_paper | 1: +0.2000 | +0.2000 ± 0.0000 |' in text
+
+
+def test_compare_names_the_fast_agent_and_pairs_seeds_with_random(tmp_path):
+  from blockqnn_jax.report import compare
+
+  def search(name, config, rewards):
+    with store_lib.ResultsStore(tmp_path / name) as store:
+      store.set_meta('config', json.dumps(config))
+      for i, reward in enumerate(rewards):
+        store.record(0, i, 1.0, results.EvalResult(
+            f'1,1,3,0,0 2,{i},0,0,0', f'k{i}', 'ok', val_accuracy=reward, reward=reward),
+            False, shared=i % 2 == 0)
+    return tmp_path / name
+
+  fast = {'search': {'strategy': 'qlearning'}, 'agent': {'exploration': 'mutation'}}
+  dirs = [search(f'f{s}', dict(fast, seed=s), [0.3 + 0.01 * s + 0.001 * i for i in range(12)])
+          for s in (0, 1, 2)]
+  dirs += [search(f'r{s}', {'seed': s, 'search': {'strategy': 'random'}},
+                  [0.2 + 0.002 * i for i in range(12)]) for s in (0, 1, 2)]
+  curves = [compare.load_curve(d) for d in dirs]
+  assert [c.strategy for c in curves[:3]] == ['qlearning_fast'] * 3
+  assert curves[0].shared == 6 and curves[0].best_block == '1,1,3,0,0 2,11,0,0,0'
+  budget, lines = compare.comparison_table(curves)
+  figures = compare.at_budget(curves, budget)
+  top = [np.mean([0.3 + 0.01 * s + 0.001 * i for i in range(2, 12)]) for s in (0, 1, 2)]
+  assert figures['qlearning_fast']['top_mean'] == pytest.approx(np.mean(top))
+  assert figures['qlearning_fast']['top_sem'] == pytest.approx(np.std(top, ddof=1) / np.sqrt(3))
+  pairs = compare.paired_with(figures, 'random')['qlearning_fast']
+  assert pairs['top_wins'] == 3 and pairs['pairs'] == 3
+  assert pairs['seeds'][2][0] == pytest.approx(0.3 + 0.02 + 0.011 - (0.2 + 0.022))
+  png, md = compare.compare_searches(dirs, tmp_path / 'out')
+  assert '(6 read from the shared evaluation cache)' in md.read_text()

@@ -408,3 +408,15 @@ def test_a_workdir_saved_before_strategies_resumes_as_the_paper_agent(tmp_path):
   ref_rows, _, ref_arrays = _rows(tmp_path / 'reference')
   assert rows == ref_rows
   np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])
+
+
+def test_a_search_stops_at_its_budget_of_distinct_candidates_and_stays_stopped(tmp_path):
+  config = _config(iterations=((1.0, 2), (0.5, 20)), blocks=4)
+  config.search.budget = 10
+  executor = ScoringExecutor()
+  summary = _search(config, tmp_path, executor, progress=False)
+  assert 10 <= summary.trained < 10 + 4  # stops after the iteration that reached it
+  assert summary.iterations_done < 22
+  again = ScoringExecutor()
+  resumed = _search(config, tmp_path, again, progress=False)
+  assert again.submitted == [] and resumed.candidates == summary.candidates
