@@ -1,22 +1,32 @@
-r"""The paper's comparison on the real space: Q-learning against random search, same budget.
+r"""The strategies compared on the real space, to the end: each search in results/, resumable.
 
-Runs ``experiments.search --config=configs/cifar.py:cpu`` once per strategy and seed (each
-search in its own workdir, resumable: run the same command again to finish what was cut
-short), then draws them on one figure with ``report.compare``: best reward so far and the
-mean of the 10 best distinct rewards against distinct candidates trained, and prints the
-figures at the common budget with the seed-to-seed spread.
+Runs ``experiments.search --config=configs/cifar.py:cpu`` once per strategy and seed, each
+in its own workdir ``results/<strategy>_seed<k>/`` (the ``search.sqlite`` there is the
+result; compiled programs and TensorBoard events beside it are not kept), all sharing one
+evaluation cache (``results/eval_cache.sqlite``) and one validation hold-out, so that no
+block is trained twice by any of them. Every search stops at ``search.budget`` distinct
+candidates. Run the same command again to continue what was cut short: finished searches
+return at once.
+
+Then it draws them on one figure and writes the tables (``report.compare``: best and top-10
+mean reward at the common budget, mean ± standard error over seeds, seed-by-seed pairs
+against random) to ``results/comparison.png`` / ``results/comparison.md``, and with
+``--retrain`` trains each strategy's best block (over its seeds, within the common budget)
+at the high fidelity of ``benchmarks.fidelity`` from three seeds
+(``results/retrained.md``).
 
   mkdir -p data && cp ../shared/data/cifar10-exact-subset.npz data/
-  python -m benchmarks.cpu_comparison --data=data/cifar10-exact-subset.npz \
-      --strategies=qlearning,random --seeds=0,1,2 --workdir=workdirs/compare
+  python -m benchmarks.cpu_comparison --parallel=2            # run (or continue) them all
+  python -m benchmarks.cpu_comparison --report_only --retrain  # tables and figure only
 
-``--parallel=2`` runs two searches at a time, each on one host thread (on a 2-core machine
-that is what one search uses anyway once compilation and training overlap). Extra
-``--override=field=value`` flags go to every search (e.g. ``search.epsilon_schedule``).
+Strategies: ``qlearning_fast`` (the preset's agent), ``qlearning_paper`` (BlockQNN's agent:
+α = 0.01, Q from 0.5, replay, per-step ε over the paper's schedule, sized to the budget),
+``random``, ``evolution``, ``local_search``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 import subprocess
@@ -25,57 +35,135 @@ import time
 
 from absl import app
 from absl import flags
+import numpy as np
 
-from blockqnn_jax.report import compare
+from blockqnn_jax.qlearning import PAPER_EPSILON_SCHEDULE
+
+STRATEGIES = ('qlearning_fast', 'qlearning_paper', 'random', 'evolution', 'local_search')
+# What each strategy changes in configs/cifar.py:cpu (whose agent is the fast one).
+OVERRIDES = {
+    'qlearning_fast': (),
+    'qlearning_paper': (
+        'search.strategy=qlearning', 'agent.alpha=0.01', 'agent.q_init=0.5',
+        'agent.replay_size=128', 'agent.monotone=False', 'agent.exploration=epsilon',
+        'agent.avoid_repeats=False', 'agent.max_resamples=0',
+        'agent.restart=False', 'agent.budget_sized=True',
+        'search.epsilon_schedule=' + str(tuple(PAPER_EPSILON_SCHEDULE)).replace(' ', '')),
+    'random': ('search.strategy=random',),
+    'evolution': ('search.strategy=evolution',),
+    'local_search': ('search.strategy=local_search',),
+}
 
 _DATA = flags.DEFINE_string('data', 'data/cifar10-exact-subset.npz',
                             'The CIFAR-10 exact subset (.npz).')
-_STRATEGIES = flags.DEFINE_list('strategies', ['qlearning', 'random'], 'search.strategy values.')
+_STRATEGIES = flags.DEFINE_list('strategies', list(STRATEGIES), 'Strategies to run.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (each a whole search).')
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/compare', 'Where the searches live.')
+_ROOT = flags.DEFINE_string('root', 'results', 'Where the searches and tables live.')
+_CACHE = flags.DEFINE_string('cache', 'results/eval_cache.sqlite',
+                             'The evaluation cache every search shares.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Searches run at a time.')
 _OVERRIDES = flags.DEFINE_multi_string('override', [], 'field=value for every search.')
 _CONFIG = flags.DEFINE_string('config', 'configs/cifar.py:cpu', 'The search config.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only the tables and the figure.')
+_RETRAIN = flags.DEFINE_bool('retrain', False, "Retrain each strategy's best block at the "
+                             'high fidelity (3 seeds) after the searches.')
+_FIDELITY_CACHE = flags.DEFINE_string('fidelity_cache', 'results/fidelity/cache.sqlite',
+                                      "The high fidelity's cache (benchmarks.fidelity's).")
+_HIGH_DATA = flags.DEFINE_string('high_data', None, "'SOURCE:PATH' of the high fidelity "
+                                 "(default: benchmarks.fidelities.JPEG_FULL).")
 
 
-def _command(strategy: str, seed: str, workdir: Path) -> list[str]:
+def workdir(strategy: str, seed: str) -> Path:
+  return Path(_ROOT.value) / f'{strategy}_seed{seed}'
+
+
+def _command(strategy: str, seed: str) -> list[str]:
+  overrides = (*OVERRIDES[strategy], *_OVERRIDES.value)
   return [sys.executable, '-m', 'experiments.search', f'--config={_CONFIG.value}',
-          f'--workdir={workdir}', f'--config.seed={seed}',
-          f'--config.search.strategy={strategy}', f'--config.data.path={_DATA.value}',
-          '--noprogress', *(f'--config.{o}' for o in _OVERRIDES.value)]
+          f'--workdir={workdir(strategy, seed)}', f'--config.seed={seed}',
+          f'--config.data.path={_DATA.value}', f'--config.search.eval_cache={_CACHE.value}',
+          '--noprogress', *(f'--config.{o}' for o in overrides)]
 
 
-def main(argv):
-  del argv
-  root = Path(_WORKDIR.value)
-  root.mkdir(parents=True, exist_ok=True)
-  runs = [(s, seed, root / f'{s}_seed{seed}') for seed in _SEEDS.value for s in _STRATEGIES.value]
+def run_searches(runs: list[tuple[str, str]]) -> None:
   env = dict(os.environ)
   if _PARALLEL.value > 1:  # one host thread each, so parallel searches do not fight
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false '
                         'intra_op_parallelism_threads=1').strip()
-  pending, running, seconds = list(runs), [], {}
+  logs = Path(_ROOT.value) / 'logs'
+  logs.mkdir(parents=True, exist_ok=True)
+  pending, running = list(runs), []
   while pending or running:
     while pending and len(running) < _PARALLEL.value:
-      strategy, seed, workdir = pending.pop(0)
-      log = open(root / f'{workdir.name}.log', 'a')  # pylint: disable=consider-using-with
-      running.append((workdir, time.perf_counter(), log, subprocess.Popen(
-          _command(strategy, seed, workdir), env=env, stdout=log, stderr=subprocess.STDOUT)))
+      strategy, seed = pending.pop(0)
+      log = open(logs / f'{strategy}_seed{seed}.log', 'a')  # pylint: disable=consider-using-with
+      running.append((strategy, seed, time.perf_counter(), log, subprocess.Popen(
+          _command(strategy, seed), env=env, stdout=log, stderr=subprocess.STDOUT)))
     time.sleep(2)
     for entry in list(running):
-      workdir, started, log, process = entry
+      strategy, seed, started, log, process = entry
       if process.poll() is not None:
         running.remove(entry)
         log.close()
-        seconds[workdir.name] = time.perf_counter() - started
-        print(f'{workdir.name}: exit {process.returncode} after {seconds[workdir.name]:.0f} s',
-              flush=True)
+        print(f'{strategy}_seed{seed}: exit {process.returncode} after '
+              f'{time.perf_counter() - started:.0f} s', flush=True)
         if process.returncode:
-          print(f'  see {log.name}')
-  done = [w for _, _, w in runs if (w / 'search.sqlite').is_file()]
-  png, md = compare.compare_searches(done, root / 'report')
-  print(md.read_text())
+          print(f'  see {log.name}', flush=True)
+
+
+def retrain_best(curves) -> list[str]:
+  """Each strategy's best block (over its seeds, at the common budget) at the high
+  fidelity, 3 seeds; the markdown lines of the table."""
+  from benchmarks import fidelities  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax import canonical, nsc  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
+  budget = min(c.trained for c in curves)
+  best = {}
+  for c in curves:
+    rows = compare.rows_within(Path(_ROOT.value) / f'{c.strategy}_seed{c.seed}', budget)
+    top = max((r for r in rows if r.ok), key=lambda r: r.reward, default=None)
+    if top is not None and (c.strategy not in best or top.reward > best[c.strategy].reward):
+      best[c.strategy] = top
+  high = fidelities.high(data=_HIGH_DATA.value or fidelities.JPEG_FULL)
+  blocks = [nsc.parse(r.nsc) for r in best.values()]
+  results = fidelities.evaluate(high, blocks, (0, 1, 2), _FIDELITY_CACHE.value)
+  lines = [f"Each strategy's best block within the common budget of {budget} distinct "
+           f'candidates, retrained at the high fidelity ({high.spec}: '
+           f'{len(high.splits.train_labels)} training images, scored on '
+           f'{len(high.splits.val_labels)} test images), 3 seeds (mean ± s.e.):', '',
+           '| strategy | block | preset reward | high-fidelity accuracy | high-fidelity reward |',
+           '|---|---|---|---|---|']
+  for (strategy, row), block in zip(best.items(), blocks):
+    key = canonical.canonical_key(block)
+    got = [results[(key, r)] for r in (0, 1, 2)]
+    acc = np.asarray([g.val_accuracy for g in got if g is not None and g.ok])
+    rew = np.asarray([g.reward for g in got if g is not None and g.ok])
+    sem = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    lines.append(f'| {strategy} | `{row.nsc}` | {row.reward:.4f} | {acc.mean():.4f} ± '
+                 f'{sem(acc):.4f} | {rew.mean():.4f} ± {sem(rew):.4f} |')
+  return lines
+
+
+def main(argv):
+  del argv
+  from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
+  root = Path(_ROOT.value)
+  runs = [(s, seed) for seed in _SEEDS.value for s in _STRATEGIES.value]
+  if not _REPORT_ONLY.value:
+    run_searches(runs)
+  done = [workdir(s, seed) for s, seed in runs if (workdir(s, seed) / 'search.sqlite').is_file()]
+  png, md = compare.compare_searches(done, root)
+  text = md.read_text()
+  if _RETRAIN.value and done:
+    curves = [compare.load_curve(w) for w in done]
+    retrained = retrain_best(curves)
+    (root / 'retrained.md').write_text('\n'.join(retrained) + '\n')
+    text += '\n' + '\n'.join(retrained) + '\n'
+  print(text)
   print(f'figure: {png}')
+  (root / 'comparison.json').write_text(json.dumps(
+      {'command': 'python -m benchmarks.cpu_comparison --report_only --retrain',
+       'searches': [str(w) for w in done]}, indent=1))
 
 
 if __name__ == '__main__':

@@ -15,8 +15,9 @@ The data is the lossless CIFAR-10 subset (5,085 train images), carried as a git-
 ``carry`` of ``data``. ``--data=npz:PATH`` (default ``npz:data/cifar10-exact-subset.npz``;
 ``../shared/data/`` is tried too when the default is absent) or ``--data=digits``.
 
-Settings: the search network (N = 2 blocks per stage, F = 32), the paper's candidate
-training (12 epochs of Adam, batch 256), 10% of the subset held out for the reward
+Settings: the candidates of ``configs/cifar.py:gpu`` (read from it): the search network
+(N = 2 blocks per stage, F = 32), the paper's candidate training (12 epochs of Adam, batch
+256), so ``candidates_per_hour`` is that preset's; 10% of the subset held out for the reward
 (4,577 train / 508 validation images). ``benchmarks.evaluate``'s shape flags
 (``--epochs --batch_size --features --num_blocks --validation_size --max_train
 --scan_blocks``) override them when given; every value used is written to the JSON.
@@ -117,6 +118,7 @@ from blockqnn_jax.results import EvalResult
 from blockqnn_jax.settings import SearchSettings
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import engine
+from configs import cifar
 
 DEFAULT_DATA = 'npz:data/cifar10-exact-subset.npz'
 # Also tried when the default is absent: the shared data beside the repository.
@@ -193,8 +195,10 @@ class Plan:
 def plan_for(size: str, time_limit_s: float | None = None) -> Plan:
   """The plan of ``size``; ``time_limit_s`` stretches or shrinks its time boxes."""
   blocks = BLOCKS
-  if size == 'full':
-    plan = Plan(size, epochs=12, batch_size=256, features=32, num_blocks=2,
+  if size == 'full':  # the candidates of configs/cifar.py:gpu
+    gpu = cifar.get_config('gpu')
+    plan = Plan(size, epochs=gpu.train.epochs, batch_size=gpu.train.batch_size,
+                features=gpu.network.features, num_blocks=gpu.network.num_blocks,
                 validation_size=0.1, max_train=None, loop_blocks=(blocks[0], blocks[2]),
                 pool=POOL, share_count=3, executor_count=4, workers=(1, 2, 4),
                 budgets=(('loops', 80), ('compile_share', 80), ('memory', 130),

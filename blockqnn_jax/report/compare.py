@@ -96,6 +96,20 @@ def strategy_name(config: dict) -> str:
   return 'qlearning_fast' if fast else 'qlearning_paper'
 
 
+def rows_within(workdir: str | Path, budget: int) -> list[Candidate]:
+  """A search's rows up to its ``budget``-th distinct candidate (repeats included)."""
+  with store_lib.ResultsStore.open_read_only(workdir) as store:
+    rows = sorted(store.candidates(), key=lambda r: r.id)
+  out, distinct = [], 0
+  for row in rows:
+    if not row.cached:
+      if distinct == budget:
+        break
+      distinct += 1
+    out.append(row)
+  return out
+
+
 def load_curve(workdir: str | Path) -> Curve:
   """A workdir's curve, labelled with its strategy and seed from the stored config."""
   with store_lib.ResultsStore.open_read_only(workdir) as store:

@@ -1,0 +1,36 @@
+"""The presets of configs/cifar.py: each builds, and each differs from the paper's search
+only where it says it does."""
+
+import pytest
+
+from blockqnn_jax import settings as settings_lib
+from blockqnn_jax.settings import SearchSettings
+from configs import cifar
+
+
+def _settings(preset):
+  return SearchSettings.from_config(cifar.get_config(preset))
+
+
+@pytest.mark.parametrize('preset', ['paper', 'smoke', 'cpu', 'gpu'])
+def test_every_preset_builds(preset):
+  assert _settings(preset).search.distinct_budget >= 1
+
+
+def test_the_gpu_preset_is_the_papers_search_with_the_fast_agent_and_a_budget():
+  paper, gpu = _settings('paper'), _settings('gpu')
+  changed = settings_lib.differences(paper, gpu)
+  assert {k.split('.')[0] for k in changed} == {'preset', 'agent', 'search'}
+  assert {k for k in changed if k.startswith('search.')} == {'search.epsilon_schedule',
+                                                            'search.budget'}
+  assert gpu.search.budget == 1000 and gpu.search.distinct_budget == 1000
+  assert gpu.agent == settings_lib.AgentSettings(**cifar.FAST_AGENT)
+  # Enough proposals for the budget even if a third of them were repeats.
+  assert gpu.search.schedule.num_iterations * gpu.search.blocks_per_iteration >= 1500
+  assert (gpu.network.num_blocks, gpu.network.features, gpu.train.epochs,
+          gpu.train.batch_size) == (2, 32, 12, 256)
+
+
+def test_unknown_presets_are_refused():
+  with pytest.raises(ValueError, match='gpu'):
+    cifar.get_config('tpu')
