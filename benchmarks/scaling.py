@@ -27,7 +27,7 @@ import numpy as np
 
 from blockqnn_jax import canonical
 from blockqnn_jax import data as data_lib
-from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import executors
 from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import search as search_lib
@@ -99,7 +99,7 @@ def main(argv):
         f'{"efficiency":>10}')
   base = None
   for n in counts:
-    with executor_lib.make_executor(splits, _config(splits.num_classes, n)) as executor:
+    with executors.make_executor(splits, _config(splits.num_classes, n)) as executor:
       startup = _wait_for_workers(executor, n)
       start = time.perf_counter()
       results = executor.map(blocks, seeds)
@@ -119,7 +119,7 @@ def main(argv):
       config.search.epsilon_schedule = ((1.0, 3),)
       config.search.max_staleness = staleness
       with tempfile.TemporaryDirectory() as workdir, \
-          executor_lib.make_executor(splits, config) as executor:
+          executors.make_executor(splits, config) as executor:
         _wait_for_workers(executor, 2)
         summary = search_lib.run_search(config, workdir, executor, progress=False)
       print(f'{staleness:>9} {summary.wall_s:>8.1f} '

@@ -22,7 +22,7 @@ import jax
 from absl import logging
 from ml_collections import config_flags
 
-from blockqnn_jax import executor as executor_lib
+from blockqnn_jax import executors
 from blockqnn_jax import preflight
 from blockqnn_jax import search as search_lib
 from blockqnn_jax import store as store_lib
@@ -104,7 +104,7 @@ def main(argv):
       holding.callback(shared.close)
       logging.info('evaluation cache %s: %d results at this fidelity', shared.path,
                    shared.count())
-    with executor_lib.make_executor(splits, settings,
+    with executors.make_executor(splits, settings,
                                     compile_cache_dir=str(compile_cache)) as executor:
       summary = search_lib.run_search(settings, workdir, executor,
                                       allow_config_change=_ALLOW.value,

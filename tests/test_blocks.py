@@ -14,7 +14,7 @@ import pytest
 from blockqnn_jax import blocks
 from blockqnn_jax import cost
 from blockqnn_jax import nsc
-import strategies
+import nsc_examples
 
 RESIDUAL = nsc.RESIDUAL_BLOCK
 INCEPTION = nsc.INCEPTION_BLOCK
@@ -142,7 +142,7 @@ def test_submodules_are_the_convs_cost_lists():
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(block=strategies.valid_blocks(), c_in=st.sampled_from([2, 4]),
+@hypothesis.given(block=nsc_examples.valid_blocks(), c_in=st.sampled_from([2, 4]),
                   f=st.sampled_from([4, 6]))
 def test_random_blocks_params_and_shape(block, c_in, f):
   model, variables = _variables(block, c_in, f, size=4)

@@ -14,10 +14,10 @@ import pytest
 
 from blockqnn_jax import canonical
 from blockqnn_jax import nsc
-from strategies import NARROW_GRAMMAR
-from strategies import renumberings
-from strategies import SMALL_GRAMMAR
-from strategies import valid_blocks
+from nsc_examples import NARROW_GRAMMAR
+from nsc_examples import renumberings
+from nsc_examples import SMALL_GRAMMAR
+from nsc_examples import valid_blocks
 
 # Grammars of every size the brief cares about, so hypothesis mixes short and long blocks.
 GRAMMARS = st.integers(4, 10).map(

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 import pytest
 
 from blockqnn_jax import nsc
-from strategies import SMALL_GRAMMAR
-from strategies import valid_blocks
+from nsc_examples import SMALL_GRAMMAR
+from nsc_examples import valid_blocks
 
 GRAMMARS = st.integers(2, 10).map(lambda t: nsc.Grammar(max_index=t))
 ANY_BLOCK = GRAMMARS.flatmap(lambda g: st.tuples(st.just(g), valid_blocks(g)))

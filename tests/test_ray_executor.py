@@ -11,7 +11,7 @@ import pytest
 ray = pytest.importorskip('ray')
 
 from blockqnn_jax import data as data_lib  # noqa: E402
-from blockqnn_jax import executor as executor_lib  # noqa: E402
+from blockqnn_jax import executors  # noqa: E402
 from blockqnn_jax import nsc  # noqa: E402
 from blockqnn_jax import search as search_lib  # noqa: E402
 from blockqnn_jax import store as store_lib  # noqa: E402
@@ -62,12 +62,12 @@ def _kill_a_busy_worker(executor, timeout=120):
 
 def test_ray_workers_give_the_local_executors_results(cluster, splits):
   config = _config()
-  with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+  with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:
     remote = executor.map(BLOCKS, seeds=[3, 4])
     assert len({w['pid'] for w in executor.workers()}) == 2
     assert 0 < executor.utilisation() <= 1
   config.executor.kind = 'local'
-  with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+  with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:
     local = executor.map(BLOCKS, seeds=[3, 4])
   for r, l in zip(remote, local):
     assert r.ok and l.ok, (r.failure_reason, l.failure_reason)
@@ -84,7 +84,7 @@ def test_search_survives_a_killed_worker(cluster, splits, tmp_path):
   config.search.max_staleness = 1
   killed = []
 
-  with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+  with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:
     def kill_once(iteration, position, result):
       if not killed:
         killed.append(_kill_a_busy_worker(executor))
@@ -105,7 +105,7 @@ def test_search_survives_a_killed_worker(cluster, splits, tmp_path):
 
 def test_candidate_fails_with_its_reason_after_max_attempts(cluster, splits):
   config = _config(max_attempts=1, num_workers=1)
-  with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+  with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:
     future = executor.submit(BLOCKS[0], seed=0)
     _kill_a_busy_worker(executor)
     result = future.result(timeout=300)
@@ -133,7 +133,7 @@ def test_workers_follow_nodes_that_join_and_leave(splits):
   ray.init(address=cluster.address, log_to_driver=False)
   try:
     config = _config(num_workers=0, max_attempts=2)  # 0: one worker per CPU slot
-    with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+    with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:
       _wait(lambda: executor.num_workers == 1)
       node = cluster.add_node(num_cpus=1)
       _wait(lambda: executor.num_workers == 2)

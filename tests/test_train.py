@@ -335,10 +335,10 @@ def test_a_program_compiling_is_waited_for_not_compiled_again(trainer):
 
 def test_several_workers_share_one_device(splits):
   """executor.workers_per_device: more workers (and compile threads) than devices."""
-  from blockqnn_jax import executor as executor_lib
+  from blockqnn_jax import executors
   config = _config(epochs=1)
   config.executor = dict(workers_per_device=2)
-  with executor_lib.make_executor(splits, SearchSettings.from_config(config)) as executor:
+  with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:
     assert executor.num_workers == 2 * len(jax.local_devices())
     devices = [t.group.name for t in executor.trainers]
     assert devices.count('cpu:0') == 2

@@ -1,4 +1,5 @@
-"""Hypothesis strategies for NSC blocks, shared by the test modules.
+"""Hypothesis generators of NSC blocks, shared by the test modules (not the library's
+search ``strategies``).
 
 ``valid_blocks(grammar)`` draws blocks that pass ``nsc.validate(block, grammar)``, one layer
 at a time from the legal choices, so no example is ever filtered away.
