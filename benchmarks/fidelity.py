@@ -59,6 +59,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the draw of blocks.')
 _CACHE = flags.DEFINE_string('cache', 'results/fidelity/cache.sqlite',
                              'Evaluation cache (resumable; shared by the fidelities).')
 _OUT = flags.DEFINE_string('out', 'results', 'Where fidelity.json and fidelity.png go.')
+_PARTS = flags.DEFINE_list('parts', ['judged', 'high'], "What to train: 'judged' (the "
+                           "--fidelities), 'high', or both (two processes may train one each "
+                           'at the same time: they share the cache).')
 _ONLY_REPORT = flags.DEFINE_bool('report_only', False,
                                  'Compute the tables from the cache; train nothing new.')
 
@@ -152,10 +155,11 @@ def main(argv):
   for entry in _FIDELITIES.value:
     name, _, spec = entry.partition('=')
     judged.append(fidelities.judged(name, spec or fidelities.preset_spec(), _DATA.value))
-  results = {f.name: fidelities.evaluate(f, blocks, SEEDS, _CACHE.value, train)
-             for f in judged}
+  results = {f.name: fidelities.evaluate(f, blocks, SEEDS, _CACHE.value,
+                                         train and 'judged' in _PARTS.value) for f in judged}
   high = fidelities.high(_HIGH.value, _HIGH_DATA.value)
-  results['high'] = fidelities.evaluate(high, blocks, (0,), _CACHE.value, train)
+  results['high'] = fidelities.evaluate(high, blocks, (0,), _CACHE.value,
+                                        train and 'high' in _PARTS.value)
 
   def table(name, seeds, field):
     return np.asarray([[getattr(results[name][(k, s)], field) if results[name][(k, s)]
