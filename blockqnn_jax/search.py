@@ -47,8 +47,7 @@ from blockqnn_jax.settings import SearchSettings
 RESUMABLE_CHANGES = ('executor.', 'search.stop_after_failures')
 
 
-class ConfigMismatch(RuntimeError):
-  """The workdir holds a search with a different config."""
+ConfigMismatch = settings_lib.ConfigMismatch  # the workdir holds a search of another config
 
 
 class SearchFailed(RuntimeError):
@@ -106,13 +105,8 @@ def check_config(store: store_lib.ResultsStore, settings: SearchSettings,
           f'{store.path} holds an agent over another search space ({", ".join(space_changed)}'
           '): its Q values and sampled blocks cannot follow a changed space, even with '
           '--allow_config_change; use a new --workdir')
-    if changed and not allow_change:
-      flat_old, flat_new = (settings_lib.flatten(s.to_dict()) for s in (old, settings))
-      details = ', '.join(f'{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}'
-                          for k in changed[:6])
-      raise ConfigMismatch(
-          f'{store.path} holds a search with a different config ({details}); use a new '
-          '--workdir, or pass --allow_config_change to continue it with this config')
+    settings_lib.refuse_changes(store.path, old.to_dict(), settings.to_dict(),
+                                ignore=RESUMABLE_CHANGES, allow_change=allow_change)
   store.set_meta('config', settings.to_json())
 
 

@@ -28,6 +28,10 @@ class SettingsError(ValueError):
   """A config field is unknown, of the wrong type, or out of range."""
 
 
+class ConfigMismatch(RuntimeError):
+  """A workdir holds a run (a search, a retraining) with other settings."""
+
+
 def _check(condition: bool, field: str, message: str, value: Any) -> None:
   if not condition:
     raise SettingsError(f'{field} {message}, got {value!r}')
@@ -445,6 +449,39 @@ def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       out[f'{prefix}{k}'] = v
   return out
+
+
+def refuse_changes(where: str, old: Mapping[str, Any] | None, new: Mapping[str, Any], *,
+                   ignore: tuple[str, ...] = (), allow_change: bool = False,
+                   allow_flag: str = '--allow_config_change') -> list[str]:
+  """Compares what a workdir recorded (``old``, None for a new workdir) with what a run now
+  has (``new``): nested dicts such as ``to_dict()`` of the stored settings read back, so a
+  field the workdir predates compares as its default. The one check the search and the
+  retraining both make before they resume.
+
+  Args:
+    where: the workdir (or file), for the message.
+    old, new: the records.
+    ignore: dotted prefixes that may change between runs.
+    allow_change: return the differences instead of raising.
+    allow_flag: the flag that allows a change, for the message.
+
+  Returns:
+    The differences, ``'field: old -> new'`` (empty when none).
+
+  Raises:
+    ConfigMismatch: they differ and ``allow_change`` is False (the first fields named).
+  """
+  if old is None:
+    return []
+  a, b = flatten(old), flatten(new)
+  changed = [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k) and not k.startswith(ignore)]
+  if changed and not allow_change:
+    raise ConfigMismatch(f'{where} holds a run with a different config '
+                         f'({", ".join(changed[:6])}); use a new --workdir, or pass '
+                         f'{allow_flag} to continue it with this config')
+  return changed
 
 
 def differences(old: SearchSettings, new: SearchSettings, *,

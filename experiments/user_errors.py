@@ -39,13 +39,12 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
     'blockqnn_jax.nsc.NSCError': ('invalid block', "fix the block's NSC text"),
     'blockqnn_jax.store.StoreError': ('workdir', 'move it away or use another --workdir'),
     'blockqnn_jax.workdir_lock.WorkdirBusy': ('workdir busy', ''),
-    'blockqnn_jax.search.ConfigMismatch': ('config', ''),
+    'blockqnn_jax.settings.ConfigMismatch': ('config', ''),
     'blockqnn_jax.search.SearchFailed': (
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
-    'blockqnn_jax.training.final.ConfigMismatch': ('config', ''),
     'blockqnn_jax.training.final.BlockNotFound': ('no block to retrain', ''),
-    'builtins.FloatingPointError': (
+    'blockqnn_jax.results.Diverged': (
         'diverged', 'lower --config.train.learning_rate; the run resumes from its last '
         'checkpoint'),
     'builtins.FileNotFoundError': ('not found', 'check the path'),

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blockqnn_jax import data as data_lib
+from blockqnn_jax import results as results_lib
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -320,6 +323,30 @@ def train_epoch(state: TrainState, key: jax.Array, images: jax.Array, labels: ja
   pixels, batch_labels = epoch_batches(key, images, labels, batch_size=batch_size,
                                        options=options, batch_sharding=batch_sharding)
   return fit_epoch(state, pixels, batch_labels, mean, std, step=step)
+
+
+# -- divergence ------------------------------------------------------------------------------
+
+# A training loss this many times chance level (ln K) has exploded, whether or not it is
+# still finite: a learning rate of 1e30 gives losses near 1e30 and chance accuracy.
+EXPLODED_LOSS_FACTOR = 100.0
+
+
+def check_divergence(epoch_loss: Sequence[float], val_loss: float, num_classes: int,
+                     first_epoch: int = 1) -> None:
+  """Raises ``results.Diverged`` when a loss is not finite or has exploded past
+  ``EXPLODED_LOSS_FACTOR`` times chance level: the one divergence check of every training
+  (candidates on the device or streamed, the final network). ``epoch_loss[i]`` is the mean
+  training loss of epoch ``first_epoch + i``."""
+  limit = EXPLODED_LOSS_FACTOR * math.log(max(num_classes, 2))
+  for epoch, loss in enumerate(np.asarray(epoch_loss, np.float64), first_epoch):
+    if not math.isfinite(loss):
+      raise results_lib.Diverged(f'diverged: training loss is {loss} in epoch {epoch}')
+    if loss > limit:
+      raise results_lib.Diverged(f'diverged: training loss {loss:.3g} in epoch {epoch} '
+                                 f'exceeds {limit:.3g} ({EXPLODED_LOSS_FACTOR:g}x chance level)')
+  if not math.isfinite(val_loss):
+    raise results_lib.Diverged(f'diverged: validation loss is {val_loss}')
 
 
 # -- evaluation ------------------------------------------------------------------------------

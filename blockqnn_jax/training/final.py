@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import time
@@ -81,8 +80,7 @@ RESUMABLE_CHANGES = ('allow_config_change', 'train.checkpoint_every_epochs',
 _NSC_LAYER = re.compile(r'(?<![\d.])\d+,\d+,\d+,\d+,\d+(?![\d.])')
 
 
-class ConfigMismatch(RuntimeError):
-  """The workdir holds a run with different settings or another block."""
+ConfigMismatch = settings_lib.ConfigMismatch  # the workdir holds a run of other settings
 
 
 class BlockNotFound(ValueError):
@@ -332,19 +330,13 @@ def check_workdir_config(workdir: str | Path, settings: FinalSettings,
       old = _record(FinalSettings.from_config(stored.get('config', {})),
                     nsc.Block.parse(stored['block']))
     except (settings_lib.SettingsError, nsc.NSCError, KeyError) as e:
-      changed = [f'config.json: {e}']  # a record this version cannot read differs from any
-    else:
-      a, b = settings_lib.flatten(old), settings_lib.flatten(new)
-      changed = [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
-                 if a.get(k) != b.get(k) and
-                 not k.removeprefix('config.').startswith(RESUMABLE_CHANGES)]
+      old = {'config.json': f'unreadable ({e})'}  # a record this version cannot read
+    changed = settings_lib.refuse_changes(
+        workdir, old, new, ignore=tuple(f'config.{k}' for k in RESUMABLE_CHANGES),
+        allow_change=settings.allow_config_change,
+        allow_flag='--config.allow_config_change=true')
     if changed:
-      details = ', '.join(changed[:8])
-      if not settings.allow_config_change:
-        raise ConfigMismatch(
-            f'{workdir} holds a run with a different config ({details}); use a new --workdir, '
-            'or pass --config.allow_config_change=true to continue it with this config')
-      logging.warning('continuing %s with a changed config: %s', workdir, details)
+      logging.warning('continuing %s with a changed config: %s', workdir, ', '.join(changed))
   _write_json(path, new)
 
 
@@ -463,7 +455,7 @@ def train_and_evaluate(settings: FinalSettings, workdir: str | Path, *,
   Raises:
     ConfigMismatch: the workdir holds a run with other settings or another block.
     BlockNotFound: see ``resolve_block``.
-    FloatingPointError: the training loss became non-finite.
+    results.Diverged: the training loss became non-finite or exploded.
     workdir_lock.WorkdirBusy: another run (or a search) holds the workdir.
   """
   # One run per workdir: two would interleave checkpoints and overwrite config.json.
@@ -563,8 +555,8 @@ def _train_and_evaluate(settings: FinalSettings, workdir: str | Path, *,
                                        std)
       out = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the epoch
       seconds = time.perf_counter() - t0
-      if not math.isfinite(out['loss']):  # checked first: a diverged state is never saved
-        raise FloatingPointError(f'training diverged: loss {out["loss"]} in epoch {next_epoch}')
+      # Checked first: a diverged state is never saved.
+      engine.check_divergence([out['loss']], 0.0, splits.num_classes, first_epoch=next_epoch)
       # Committed together, so an interrupt never pairs a state with another epoch's key.
       state, rng, epoch, train_s = next_state, next_rng, next_epoch, train_s + seconds
       metrics = dict(out, epoch_s=seconds,

@@ -223,7 +223,7 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
         epoch_losses.append(float(jnp.mean(jnp.stack(losses))))
         losses = []
         # Stop streaming a diverged candidate at the end of the epoch it diverged in.
-        candidate_lib.check_divergence(epoch_losses, 0.0, self.num_classes)
+        engine.check_divergence(epoch_losses, 0.0, self.num_classes)
     jax.block_until_ready(state)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
