@@ -31,7 +31,7 @@ import tempfile
 from absl import app
 from absl import flags
 
-from benchmarks.fixtures import BLOCKS
+from benchmarks.fixtures import BLOCKS, data_source
 
 # Blocks of the cpu space that are none of BLOCKS: they warm what candidates share.
 WARMUP = ('1,1,1,0,0 2,7,0,0,0', '1,2,3,0,0 2,1,3,1,0 3,7,0,0,0',
@@ -75,7 +75,7 @@ def main(argv):
   del argv
   head = Path(__file__).resolve().parents[1]
   data = _DATA.value
-  source, _, path = data.partition(':')
+  source, path = data_source(data)
   if path and not Path(path).is_absolute():
     data = f'{source}:{(Path.cwd() / path).resolve()}'
   with tempfile.TemporaryDirectory() as tmp:

@@ -110,7 +110,7 @@ import jax
 import numpy as np
 
 from benchmarks import evaluate as evaluate_bench  # noqa: F401 (its flags: --data, ...)
-from benchmarks.fixtures import BLOCKS
+from benchmarks.fixtures import BLOCKS, data_source
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
@@ -864,8 +864,8 @@ def load_data(spec: str, plan: Plan) -> tuple[data_lib.ImageSplits, dict[str, An
   A missing npz falls back to the shared data beside the repository; failing that, the
   toy sizes fall back to digits, the full size stops (its figures would mean nothing).
   """
-  source, _, path = spec.partition(':')
-  info = dict(spec=spec, source=source, path=path or None)
+  source, path = data_source(spec)
+  info = dict(spec=spec, source=source, path=path)
   if source == 'npz' and not Path(path).exists():
     found = next((p for p in FALLBACK_NPZ if Path(p).exists()), None)
     if found and spec == DEFAULT_DATA:
@@ -879,8 +879,7 @@ def load_data(spec: str, plan: Plan) -> tuple[data_lib.ImageSplits, dict[str, An
           f'{path} not found. Carry the data: mkdir -p data && cp '
           f'../shared/data/cifar10-exact-subset.npz data/ (and the device tool\'s carry of '
           f'"data"), or pass --data=npz:PATH')
-  size = plan.validation_size if plan.validation_size < 1 else int(plan.validation_size)
-  splits = data_lib.load_splits(source, path=path or None, validation_size=size,
+  splits = data_lib.load_splits(source, path=path or None, validation_size=plan.validation_size,
                                 max_train=plan.max_train)
   info['name'] = splits.name
   return splits, info

@@ -28,7 +28,7 @@ from absl import flags
 import jax
 import ml_collections
 
-from benchmarks.fixtures import BLOCKS
+from benchmarks.fixtures import BLOCKS, data_source
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import local_executor
 from blockqnn_jax import nsc
@@ -68,9 +68,8 @@ def _settings(num_classes: int, loop: str = 'auto') -> SearchSettings:
 
 
 def _load() -> data_lib.ImageSplits:
-  source, _, path = _DATA.value.partition(':')
-  size = _VALIDATION.value if _VALIDATION.value < 1 else int(_VALIDATION.value)
-  return data_lib.load_splits(source, path=path or None, validation_size=size,
+  source, path = data_source(_DATA.value)
+  return data_lib.load_splits(source, path=path, validation_size=_VALIDATION.value,
                               max_train=_MAX_TRAIN.value)
 
 
@@ -107,8 +106,8 @@ def main(argv):
           f'({engine.resolve_loop(loop, device.platform)}):')
     _table(trainer, blocks)
   if _STREAM.value:
-    source, _, path = _DATA.value.partition(':')
-    size = _VALIDATION.value if _VALIDATION.value < 1 else int(_VALIDATION.value)
+    source, path = data_source(_DATA.value)
+    size = _VALIDATION.value
     stream = streamed.StreamData(
         source, name=path if source == 'tfds' else '', path=None if source == 'tfds' else path,
         image_size=splits.image_shape[0], validation_size=size, seed=0,

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 import jax
 
+from benchmarks import fixtures
 from blockqnn_jax import canonical
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import eval_cache as eval_cache_lib
@@ -75,8 +76,8 @@ def high(spec: str = HIGH, data: str = JPEG_FULL) -> Fidelity:
   """The high fidelity: the whole training split of ``data`` ('SOURCE:PATH'), scored on its
   test split, which no search and no judged fidelity ever sees."""
   settings = settings_at(spec)
-  source, _, path = data.partition(':')
-  loaded = data_lib.load_splits(source, name='cifar10', path=path or None, validation_size=0,
+  source, path = fixtures.data_source(data)
+  loaded = data_lib.load_splits(source, name='cifar10', path=path, validation_size=0,
                                 max_train=settings.data.max_train or None)
   splits = dataclasses.replace(loaded, val_images=loaded.test_images,
                                val_labels=loaded.test_labels)

@@ -25,6 +25,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from benchmarks.fixtures import data_source
 from blockqnn_jax import canonical
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executors
@@ -83,8 +84,8 @@ def main(argv):
   del argv
   import ray
   counts = [int(n) for n in _WORKERS.value]
-  source, _, path = _DATA.value.partition(':')
-  splits = data_lib.load_splits(source, path=path or None, validation_size=200, seed=0,
+  source, path = data_source(_DATA.value)
+  splits = data_lib.load_splits(source, path=path, validation_size=200, seed=0,
                                 max_train=_MAX_TRAIN.value)
   if _SHARE_GPU.value:
     ray.init(include_dashboard=False, log_to_driver=False)

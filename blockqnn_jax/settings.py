@@ -22,6 +22,8 @@ COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 TRAIN_LOOPS = ('auto', 'scan', 'steps')
 PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
 EXECUTOR_KINDS = ('local', 'ray')
+# What ``data.load_splits`` reads (``data.readers`` takes this list as its own).
+DATA_SOURCES = ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits')
 
 
 class SettingsError(ValueError):
@@ -167,8 +169,7 @@ class DataSettings:
     return seed if self.holdout_seed < 0 else self.holdout_seed
 
   def __post_init__(self):
-    _one_of(self.source, ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits'),
-            'data.source')
+    _one_of(self.source, DATA_SOURCES, 'data.source')
     _check(self.validation_size > 0, 'data.validation_size',
            'must be > 0 (the reward is measured on it)', self.validation_size)
     _check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
@@ -577,8 +578,7 @@ class FinalDataSettings(DataSettings):
 
   def __post_init__(self):
     # Not DataSettings' checks: those refuse validation_size 0, which is the default here.
-    _one_of(self.source, ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits'),
-            'data.source')
+    _one_of(self.source, DATA_SOURCES, 'data.source')
     _check(self.validation_size >= 0, 'data.validation_size', 'must be >= 0 (0 = none)',
            self.validation_size)
     _check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)

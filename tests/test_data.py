@@ -474,13 +474,36 @@ def test_error_test_shape_differs(tmp_path):
 
 
 @pytest.mark.parametrize('size, message', [
-    (20, 'fewer examples'), (10, 'fewer examples'), (1.5, r'\[0, 1\)'), (-1, '>= 0'),
-    (True, 'int count or a float fraction'), ('10%', 'int count or a float fraction'),
+    (20, 'fewer examples'), (10, 'fewer examples'), (1.5, r'fraction in \[0, 1\) nor a whole'),
+    (-1, '>= 0'), (-0.5, '>= 0'), (True, 'a count or a fraction'),
+    ('10%', 'a count or a fraction'),
 ])
 def test_error_validation_size(tmp_path, size, message):
   path = _write_npz(tmp_path / 'small.npz', x_train=_unique_images(10), y_train=np.arange(10))
   with pytest.raises(DataError, match=message):
     data.load_splits('npz', path=str(path), validation_size=size)
+
+
+def test_a_whole_float_is_a_count_on_both_data_paths(tmp_path):
+  """validation_size=4.0 (a config read back from JSON) holds out 4 images, in memory and
+  streamed alike, as 4 does."""
+  path = _write_npz(tmp_path / 'small.npz', x_train=_unique_images(10), y_train=np.arange(10))
+  assert len(data.load_splits('npz', path=str(path), validation_size=4.0).val_labels) == 4
+  assert len(data.load_splits('npz', path=str(path), validation_size=4).val_labels) == 4
+  assert data.holdout_count(4.0, 10) == data.holdout_count(4, 10) == 4
+  assert data.holdout_count(0.25, 10) == 2 or data.holdout_count(0.25, 10) == 3
+  from blockqnn_jax.training import streamed
+  folder = tmp_path / 'images'
+  for split in ('train',):
+    for c in range(2):
+      (folder / split / str(c)).mkdir(parents=True)
+      for i in range(5):
+        from PIL import Image
+        Image.fromarray(np.full((8, 8, 3), 10 * i + c, np.uint8)).save(
+            folder / split / str(c) / f'{i}.png')
+  opened = streamed.StreamData('image_folder', path=str(folder), image_size=8,
+                               validation_size=4.0).open()
+  assert len(opened.val_indices) == 4
 
 
 def test_error_cifar_batches_malformed(tmp_path):

@@ -34,6 +34,7 @@ from blockqnn_jax.data.readers import IMAGE_SUFFIXES
 from blockqnn_jax.data.readers import SOURCES
 from blockqnn_jax.data.readers import load_splits
 from blockqnn_jax.data.readers import resize_center_crop
+from blockqnn_jax.data.splits import holdout_count
 from blockqnn_jax.data.splits import DataError
 from blockqnn_jax.data.splits import ImageSplits
 from blockqnn_jax.data.splits import balanced_head
@@ -45,7 +46,7 @@ from blockqnn_jax.data.stream import stream_info
 
 __all__ = [
     'CIFAR10_CLASSES', 'DataError', 'IMAGE_SUFFIXES', 'ImageSplits', 'SOURCES',
-    'STREAM_SOURCES', 'augment', 'crop_and_flip', 'balanced_head', 'load_splits', 'normalize', 'pixel_stats',
+    'STREAM_SOURCES', 'augment', 'crop_and_flip', 'balanced_head', 'holdout_count', 'load_splits', 'normalize', 'pixel_stats',
     'random_crop', 'random_flip', 'resize_center_crop', 'stratified_holdout', 'stream_batches',
     'stream_info',
 ]

@@ -34,13 +34,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from blockqnn_jax import settings
 from blockqnn_jax.data.splits import DataError
 from blockqnn_jax.data.splits import ImageSplits
 from blockqnn_jax.data.splits import assemble
 from blockqnn_jax.data.splits import balanced_head
 from blockqnn_jax.data.splits import stratified_holdout
 
-SOURCES = ('tfds', 'cifar_batches', 'npz', 'image_folder', 'digits')
+SOURCES = settings.DATA_SOURCES
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')

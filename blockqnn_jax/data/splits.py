@@ -174,16 +174,19 @@ def _check_split(images: Any, labels: Any, num_classes: int | None, *,
   return images, labels.astype(np.int32)
 
 
-def _holdout_count(size: int | float, n: int, *, what: str) -> int:
-  """How many of ``n`` examples ``size`` (a count, or a fraction in [0, 1)) asks for."""
+def holdout_count(size: int | float, n: int, *, what: str = 'validation_size') -> int:
+  """How many of ``n`` examples ``size`` asks for: a fraction when in [0, 1), a count when
+  a whole number >= 1 (``1000`` and ``1000.0`` alike: a config read back from JSON, or
+  typed on a command line, may hold either). The one reading of every data path."""
   if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, float, np.integer,
                                                                    np.floating)):
-    raise DataError(f'{what} must be an int count or a float fraction, got {size!r}')
-  if isinstance(size, (float, np.floating)):
-    if not 0.0 <= size < 1.0:
-      raise DataError(f'{what} as a fraction must be in [0, 1), got {size}; pass an int for a '
-                      'count')
+    raise DataError(f'{what} must be a count or a fraction, got {size!r}')
+  if isinstance(size, (float, np.floating)) and size < 1.0:
+    if size < 0.0:
+      raise DataError(f'{what} must be >= 0, got {size}')
     count = int(round(size * n))
+  elif float(size) != int(size):
+    raise DataError(f'{what} = {size} is neither a fraction in [0, 1) nor a whole count')
   else:
     count = int(size)
   if count < 0:
@@ -203,7 +206,7 @@ def stratified_holdout(labels: np.ndarray, size: int | float, *,
 
   Args:
     labels: ``(N,)`` integer labels >= 0.
-    size: held-out count (int) or fraction of N (float in [0, 1)).
+    size: held-out count (a whole number >= 1) or fraction of N (in [0, 1)).
     seed: the same seed gives the same split.
 
   Returns:
@@ -214,7 +217,7 @@ def stratified_holdout(labels: np.ndarray, size: int | float, *,
   """
   labels = np.asarray(labels)
   n = len(labels)
-  count = _holdout_count(size, n, what='validation_size')
+  count = holdout_count(size, n, what='validation_size')
   rng = np.random.default_rng(seed)
   classes, counts = np.unique(labels, return_counts=True)
   exact = counts * (count / n)

@@ -68,8 +68,7 @@ class StreamData:
     """Checks the source and fixes the held-out validation part (reads no images)."""
     total, num_classes = data_lib.stream_info(self.source, name=self.name, split='train',
                                               path=self.path)
-    holdout = (int(self.validation_size) if self.validation_size >= 1
-               else int(round(self.validation_size * total)))
+    holdout = data_lib.holdout_count(self.validation_size, total)
     if not 0 < holdout < total:
       raise data_lib.DataError(f'validation_size {self.validation_size} must leave both '
                                f'parts of the {total} training images non-empty')
