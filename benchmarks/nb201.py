@@ -24,7 +24,6 @@ message when the table is absent.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -36,8 +35,8 @@ import numpy as np
 
 from blockqnn_jax import baselines as bl
 from blockqnn_jax import nb201
-from blockqnn_jax import qlearning as ql
 from blockqnn_jax import strategies as st
+from blockqnn_jax.settings import AgentSettings
 
 _TABLE_NAME = 'nb201-tss-200ep-test-acc.csv'
 STRATEGY_NAMES = ('qlearning_paper', 'qlearning_fast', 'random', 'evolution', 'local_search',
@@ -75,25 +74,21 @@ def default_table_path() -> Path:
   return Path(os.environ.get('BLOCKQNN_SHARED_DATA', shared)) / _TABLE_NAME
 
 
-def _config(**changes) -> ql.QLearningConfig:
-  return dataclasses.replace(st.fast_qlearner(1).config, **changes)
-
-
 # Each entry changes one ingredient of the fast preset back (towards the paper's agent).
 ABLATIONS = {
-    'no_random_phase': dict(schedule=ql.EpsilonSchedule(((0.0, 1),))),
+    'no_random_phase': dict(schedule=((0.0, 1),)),
     # Per-step ε at about one changed layer per block (6 edges): the paper's exploration.
     'per_step_epsilon': dict(exploration='epsilon',
-                             schedule=ql.EpsilonSchedule(((1.0, 1), (1 / 6, 9)))),
+                             schedule=((1.0, 1), (1 / 6, 9))),
     'repeats': dict(avoid_repeats=False, restart=False),
     'no_restart': dict(restart=False),
     'escalate_not_restart': dict(restart=False, max_mutations=3, max_resamples=48),
     'poisson_mutations': dict(mutation_rate=1.0, max_mutations=3),
-    'watkins': dict(config=_config(monotone=False)),
-    'paper_alpha': dict(config=_config(alpha=0.01)),
-    'no_shaping': dict(config=_config(reward_shaping=False)),
-    'optimistic_init': dict(config=_config(q_init=1.0)),
-    'replay': dict(config=_config(replay_size=128)),
+    'watkins': dict(monotone=False),
+    'paper_alpha': dict(alpha=0.01),
+    'no_shaping': dict(reward_shaping=False),
+    'optimistic_init': dict(q_init=1.0),
+    'replay': dict(replay_size=128),
 }
 
 
@@ -101,7 +96,8 @@ def make(name: str, top: int, batch: int) -> tuple[st.Strategy, bool]:
   """The strategy benchmarked as ``name``, and whether it depends on the budget."""
   if name == 'qlearning_paper':
     # The paper's settings, its schedule shortened to ceil(budget / batch) iterations.
-    return st.QLearner(budget=top, schedule_unit='iterations'), True
+    return st.QLearner(AgentSettings(budget_sized=True, schedule_unit='iterations'),
+                       budget=top), True
   if name == 'qlearning_fast':
     return st.fast_qlearner(top, tried_capacity=2 * top + 2 * batch), True
   if name.startswith('qlearning_fast/'):

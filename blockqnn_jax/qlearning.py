@@ -15,6 +15,9 @@ and a PRNG key; nothing holds state between calls.
   iteration, re-apply the update to a uniform sample (with replacement) of past pairs.
 * ``EpsilonSchedule`` / ``epsilon_at`` — ε as a function of the iteration.
 
+``QLearningConfig`` and ``EpsilonSchedule`` are defined in ``settings`` (the one home of every
+setting, free of JAX) and are part of this module's interface.
+
 A batch of blocks is a ``Trajectories``: ``states`` ``(B, T+1)`` int32 state ids, the start
 state first, padded past the terminal by repeating it; ``lengths`` ``(B,)`` the number of
 layers, terminal included (the number of transitions, T_block).
@@ -22,43 +25,19 @@ layers, terminal included (the number of transitions, T_block).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockqnn_jax import settings as _settings
 from blockqnn_jax.space import SearchSpace
 
-
-@dataclasses.dataclass(frozen=True)
-class QLearningConfig:
-  """Hyper-parameters of the agent (hashable: pass it as a static argument).
-
-  Attributes:
-    alpha: learning rate α (0.01 in BlockQNN and MetaQNN).
-    gamma: discount γ (1.0).
-    q_init: the constant Q starts at (MetaQNN: 0.5).
-    reward_shaping: BlockQNN's ``r_t = R / T_block`` on every transition; False gives
-      MetaQNN's reward on the last transition only.
-    replay_size: (block, reward) pairs replayed after each iteration (MetaQNN: 128).
-    memory_capacity: most pairs the replay memory keeps; the oldest are overwritten
-      once it is full. The default holds a whole paper-scale search (11,392 blocks).
-    monotone: beyond the paper (False is the paper's update): never lower a Q value,
-      ``Q ← max(Q, (1-α)·Q + α·target)``. With α = 1, γ = 1 and reward shaping, each
-      Q(s_t, a_t) then keeps the best shaped return seen through it, so the greedy block is
-      the best block found so far (without shaping only the last step tells blocks apart,
-      and the greedy block is a random splice ending like the best one).
-  """
-
-  alpha: float = 0.01
-  gamma: float = 1.0
-  q_init: float = 0.5
-  reward_shaping: bool = True
-  replay_size: int = 128
-  memory_capacity: int = 16384
-  monotone: bool = False
+# Defined in ``settings`` (one home, no JAX), part of this module's interface.
+PAPER_EPSILON_SCHEDULE = _settings.PAPER_EPSILON_SCHEDULE
+EpsilonSchedule = _settings.EpsilonSchedule
+QLearningConfig = _settings.QLearningConfig
 
 
 @flax.struct.dataclass
@@ -273,44 +252,6 @@ def learn(key: jax.Array, q: jnp.ndarray, memory: ReplayMemory, space: SearchSpa
 
 
 # -- the ε schedule ---------------------------------------------------------------------------
-
-PAPER_EPSILON_SCHEDULE = ((1.0, 95), (0.9, 7), (0.8, 7), (0.7, 7), (0.6, 10), (0.5, 10),
-                          (0.4, 10), (0.3, 10), (0.2, 10), (0.1, 12))
-
-
-@dataclasses.dataclass(frozen=True)
-class EpsilonSchedule:
-  """Piecewise-constant ε: ``phases`` is a sequence of (ε, number of iterations).
-
-  The default is BlockQNN's: 95 iterations at ε=1 then 7, 7, 7, 10, 10, 10, 10, 10, 12 at
-  0.9 .. 0.1 — 178 iterations in all (11,392 blocks at 64 per iteration).
-  """
-
-  phases: tuple[tuple[float, int], ...] = PAPER_EPSILON_SCHEDULE
-
-  def __post_init__(self):
-    phases = tuple((float(e), int(n)) for e, n in self.phases)
-    if not phases:
-      raise ValueError('an ε schedule needs at least one phase')
-    for e, n in phases:
-      if not 0.0 <= e <= 1.0 or n < 0:
-        raise ValueError(f'bad ε phase ({e}, {n}): ε must be in [0, 1], iterations >= 0')
-    object.__setattr__(self, 'phases', phases)
-
-  @property
-  def num_iterations(self) -> int:
-    return sum(n for _, n in self.phases)
-
-  def scaled(self, num_iterations: int) -> 'EpsilonSchedule':
-    """The same phase proportions over ``num_iterations`` (largest-remainder rounding)."""
-    total = self.num_iterations
-    exact = [n * num_iterations / total for _, n in self.phases]
-    counts = [int(x) for x in exact]
-    order = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
-    for i in order[:num_iterations - sum(counts)]:
-      counts[i] += 1
-    return EpsilonSchedule(tuple((e, c) for (e, _), c in zip(self.phases, counts)))
-
 
 def epsilon_at(schedule: EpsilonSchedule, iteration) -> jax.Array:
   """ε at a 0-based iteration (array or int); past the end, the last phase's ε."""

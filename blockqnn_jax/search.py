@@ -387,15 +387,11 @@ _INIT_STREAM = 2**31 - 1
 
 
 def make_strategy(settings: SearchSettings) -> strategies.Strategy:
-  """The strategy ``settings.search.strategy`` names, with its settings."""
-  loop, agent = settings.search, settings.agent
+  """The strategy ``settings.search.strategy`` names, with its settings as they are."""
+  loop = settings.search
   if loop.strategy == 'qlearning':
-    return strategies.QLearner(
-        config=agent.qlearning, schedule=loop.schedule,
-        budget=loop.distinct_budget if agent.budget_sized else None,
-        exploration=agent.exploration, mutation_rate=agent.mutation_rate or None,
-        max_mutations=agent.max_mutations, avoid_repeats=agent.avoid_repeats,
-        max_resamples=agent.max_resamples, restart=agent.restart)
+    return strategies.QLearner(agent=settings.agent, schedule=loop.schedule,
+                               budget=loop.distinct_budget)
   if loop.strategy == 'evolution':
     return strategies.AgingEvolution(population=loop.population, sample=loop.tournament)
   return strategies.make_strategy(loop.strategy)

@@ -15,7 +15,6 @@ import json
 from typing import Any, Mapping
 
 from blockqnn_jax import nsc
-from blockqnn_jax import qlearning as ql
 from blockqnn_jax.results import RewardConfig
 
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
@@ -114,7 +113,7 @@ class NetworkSettings:
     kind: 'cifar' (stride-1 stem, stages at F, 2F, 4F) or 'imagenet' (stride-2 stem and
       pooling, stages at F, 2F, 4F, 8F).
     num_blocks: N, blocks per stage. N = 2 for the search network is [reconstructed].
-    features: F, the first stage's width.
+    features: F, the first stage's width; 32 as in reimplementations [consistent].
     num_classes: classifier outputs when the data does not say (it usually does).
     image_size: image side when the data does not say (streamed data is resized to it).
     scan_blocks: blocks 2..N of a stage as one scanned body (fewer ops to compile).
@@ -143,7 +142,9 @@ class DataSettings:
     name: the TFDS name; for other sources a label.
     path: TFDS data_dir, or the file / folder the source reads.
     validation_size: held out of the training split for the reward (a count >= 1, or a
-      fraction in (0, 1)); the test split is never used by the search.
+      fraction in (0, 1)); the test split is never used by the search. 5,000 of CIFAR-100's
+      50,000 [reconstructed]. The default data is CIFAR-100 from TFDS: the paper searched on
+      CIFAR-100 [paper].
     max_train: train on at most this many images (0 = all).
     stream: decode batches on host threads instead of holding the data on the device
       (ImageNet-sized data).
@@ -177,34 +178,67 @@ class DataSettings:
            self.decode_threads)
 
 
-STRATEGIES = ('qlearning', 'random', 'evolution', 'local_search')
-EXPLORATIONS = ('epsilon', 'mutation')
+# -- the agent --------------------------------------------------------------------------------
+
+# BlockQNN's ε schedule: (ε, iterations at it), 178 iterations of 64 blocks [reconstructed:
+# consistent across reimplementations and the best recollection of the paper].
+PAPER_EPSILON_SCHEDULE = ((1.0, 95), (0.9, 7), (0.8, 7), (0.7, 7), (0.6, 10), (0.5, 10),
+                          (0.4, 10), (0.3, 10), (0.2, 10), (0.1, 12))
 
 
 @dataclasses.dataclass(frozen=True)
-class AgentSettings:
-  """The Q-learning agent: the paper's hyper-parameters (``qlearning.QLearningConfig``) and,
-  beyond the paper, what makes it learn within a few hundred candidates (each field off by
-  default, so the defaults are the paper's agent bit for bit; ``configs/cifar.py:cpu`` turns
-  them on; ``benchmarks/nb201.py`` has an ablation of each).
+class EpsilonSchedule:
+  """Piecewise-constant ε: ``phases`` is a sequence of (ε, number of iterations).
+
+  The default is BlockQNN's: 95 iterations at ε=1 then 7, 7, 7, 10, 10, 10, 10, 10, 12 at
+  0.9 .. 0.1 — 178 iterations in all (11,392 blocks at 64 per iteration).
+  """
+
+  phases: tuple[tuple[float, int], ...] = PAPER_EPSILON_SCHEDULE
+
+  def __post_init__(self):
+    phases = tuple((float(e), int(n)) for e, n in self.phases)
+    if not phases:
+      raise ValueError('an ε schedule needs at least one phase')
+    for e, n in phases:
+      if not 0.0 <= e <= 1.0 or n < 0:
+        raise ValueError(f'bad ε phase ({e}, {n}): ε must be in [0, 1], iterations >= 0')
+    object.__setattr__(self, 'phases', phases)
+
+  @property
+  def num_iterations(self) -> int:
+    return sum(n for _, n in self.phases)
+
+  def scaled(self, num_iterations: int) -> 'EpsilonSchedule':
+    """The same phase proportions over ``num_iterations`` (largest-remainder rounding)."""
+    total = self.num_iterations
+    exact = [n * num_iterations / total for _, n in self.phases]
+    counts = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+    for i in order[:num_iterations - sum(counts)]:
+      counts[i] += 1
+    return EpsilonSchedule(tuple((e, c) for (e, _), c in zip(self.phases, counts)))
+
+
+@dataclasses.dataclass(frozen=True)
+class QLearningConfig:
+  """Hyper-parameters of the agent (hashable: pass it as a static argument).
 
   Attributes:
-    alpha, gamma, q_init, reward_shaping, replay_size, memory_capacity: see
-      ``qlearning.QLearningConfig`` (``replay_size=0``: no replay).
-    budget_sized: stretch the ε schedule's phases over the search's budget of distinct
-      blocks (iterations × blocks per iteration), so a short search gets a short random
-      phase however its iterations are cut.
-    exploration: 'epsilon' (the paper: every step ε-greedy on its own) or 'mutation' (with
-      probability ε a random block, otherwise the greedy block with about
-      ``mutation_rate`` one-layer mutations, as evolution and local search explore).
-    mutation_rate, max_mutations: the mean number of mutations per draw (Poisson) and its
-      cap; ``mutation_rate=0``: as few mutations as give an untried block (see
-      ``strategies.QLearner``).
-    avoid_repeats: redraw (up to ``max_resamples`` times) a proposal already trained.
-    max_resamples: redraws per proposal.
-    monotone: never lower a Q value (with α = 1 each Q is the best reward through it).
-    restart: at a local optimum (nothing new within one mutation of the greedy block),
-      reset Q and propose random blocks, as local search restarts.
+    alpha: learning rate α, 0.01 as in MetaQNN [consistent].
+    gamma: discount γ, 1.0 [consistent].
+    q_init: the constant Q starts at, MetaQNN's 0.5 [reconstructed].
+    reward_shaping: BlockQNN's ``r_t = R / T_block`` on every transition [consistent];
+      False gives MetaQNN's reward on the last transition only.
+    replay_size: (block, reward) pairs replayed after each iteration, MetaQNN's 128
+      [reconstructed: the paper replays, how many is not known here].
+    memory_capacity: most pairs the replay memory keeps; the oldest are overwritten
+      once it is full. The default holds a whole paper-scale search (11,392 blocks).
+    monotone: beyond the paper (False is the paper's update): never lower a Q value,
+      ``Q ← max(Q, (1-α)·Q + α·target)``. With α = 1, γ = 1 and reward shaping, each
+      Q(s_t, a_t) then keeps the best shaped return seen through it, so the greedy block is
+      the best block found so far (without shaping only the last step tells blocks apart,
+      and the greedy block is a random splice ending like the best one).
   """
 
   alpha: float = 0.01
@@ -213,14 +247,54 @@ class AgentSettings:
   reward_shaping: bool = True
   replay_size: int = 128
   memory_capacity: int = 16384
+  monotone: bool = False
+
+
+STRATEGIES = ('qlearning', 'random', 'evolution', 'local_search')
+EXPLORATIONS = ('epsilon', 'mutation')
+SCHEDULE_UNITS = ('blocks', 'iterations')
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings(QLearningConfig):
+  """The Q-learning agent: the paper's hyper-parameters (``QLearningConfig``'s fields) and,
+  beyond the paper, what makes it learn within a few hundred candidates. Every field beyond
+  the paper is off by default, so the defaults are the paper's agent bit for bit;
+  ``FAST_AGENT`` turns them on (the cpu and gpu presets), ``benchmarks/nb201.py`` has an
+  ablation of each. ``strategies.QLearner`` takes this value as it is.
+
+  Attributes (beyond ``QLearningConfig``'s):
+    budget_sized: stretch the ε schedule's phases over the search's budget of distinct
+      blocks, so a short search gets a short random phase however its iterations are cut.
+    schedule_unit: with ``budget_sized``, what the stretched schedule counts: 'blocks'
+      (distinct blocks told, as MetaQNN counts) or 'iterations' (asks, over
+      ``ceil(budget / n)`` of them: the paper's schedule merely shortened).
+    exploration: 'epsilon' (the paper: every step ε-greedy on its own) or 'mutation' (with
+      probability ε a random block, otherwise the greedy block with one-layer mutations,
+      as evolution and local search explore).
+    mutation_rate: the mean number of mutations per draw (Poisson, capped at
+      ``max_mutations``); 0: as few mutations as give an untried block (the first draw the
+      greedy block itself, the rest split into ``max_mutations`` levels of 1, 2, ...).
+    max_mutations: most layers changed (that many mutation passes are computed).
+    avoid_repeats: do not propose a block already told or already in the same ask
+      (compared canonically): redraw up to ``max_resamples`` times, then take a uniform
+      random block.
+    max_resamples: redraws per proposal.
+    restart: with 'mutation' exploration and ``avoid_repeats``, at a local optimum (the
+      greedy block and every one-mutation draw of it already told) reset Q and the replay
+      memory and propose random blocks, as local search restarts.
+    tried_capacity: most told blocks remembered for ``avoid_repeats`` and the budget count.
+  """
+
   budget_sized: bool = False
+  schedule_unit: str = 'blocks'
   exploration: str = 'epsilon'
   mutation_rate: float = 0.0
   max_mutations: int = 3
   avoid_repeats: bool = False
   max_resamples: int = 0
-  monotone: bool = False
   restart: bool = False
+  tried_capacity: int = 16384
 
   def __post_init__(self):
     _check(0 < self.alpha <= 1, 'agent.alpha', 'must be in (0, 1]', self.alpha)
@@ -229,13 +303,34 @@ class AgentSettings:
     _check(self.memory_capacity >= 1, 'agent.memory_capacity', 'must be >= 1',
            self.memory_capacity)
     _one_of(self.exploration, EXPLORATIONS, 'agent.exploration')
-    for name in ('mutation_rate', 'max_mutations', 'max_resamples'):
+    _one_of(self.schedule_unit, SCHEDULE_UNITS, 'agent.schedule_unit')
+    _check(self.max_mutations >= 1, 'agent.max_mutations', 'must be >= 1', self.max_mutations)
+    for name in ('mutation_rate', 'max_resamples', 'tried_capacity'):
       _check(getattr(self, name) >= 0, f'agent.{name}', 'must be >= 0', getattr(self, name))
 
   @property
-  def qlearning(self) -> ql.QLearningConfig:
-    return ql.QLearningConfig(self.alpha, self.gamma, self.q_init, self.reward_shaping,
-                              self.replay_size, self.memory_capacity, self.monotone)
+  def qlearning(self) -> QLearningConfig:
+    """The update's hyper-parameters alone (what ``qlearning.learn`` reads)."""
+    return QLearningConfig(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(QLearningConfig)})
+
+  @property
+  def is_paper(self) -> bool:
+    """No field beyond the paper is on: the asks are exactly ``qlearning.sample_blocks``."""
+    return (not self.budget_sized and self.exploration == 'epsilon'
+            and not self.avoid_repeats)
+
+
+# The fast agent, beyond the paper (tuned on NAS-Bench-201, benchmarks/nb201.py): the first
+# 10% of the budget uniform random (FAST_SCHEDULE, stretched over the budget); then the
+# greedy block with one layer changed, never a block already told (up to 16 redraws), a
+# restart once nothing within one layer of it is new; α = 1 with the monotone update and
+# reward shaping, so the greedy block is the best found since the last restart; Q from 0.
+FAST_AGENT = AgentSettings(alpha=1.0, q_init=0.0, reward_shaping=True, replay_size=0,
+                           monotone=True, budget_sized=True, exploration='mutation',
+                           mutation_rate=0.0, max_mutations=1, avoid_repeats=True,
+                           max_resamples=16, restart=True)
+FAST_SCHEDULE = ((1.0, 1), (0.0, 9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +366,7 @@ class LoopSettings:
   """
 
   blocks_per_iteration: int = 64
-  epsilon_schedule: tuple[tuple[float, int], ...] = ql.PAPER_EPSILON_SCHEDULE
+  epsilon_schedule: tuple[tuple[float, int], ...] = PAPER_EPSILON_SCHEDULE
   max_staleness: int = 0
   failed_reward: float = 0.0
   strategy: str = 'qlearning'
@@ -301,8 +396,8 @@ class LoopSettings:
       _check(n >= 1, 'search.epsilon_schedule', 'needs every phase >= 1 iteration', schedule)
 
   @property
-  def schedule(self) -> ql.EpsilonSchedule:
-    return ql.EpsilonSchedule(self.epsilon_schedule)
+  def schedule(self) -> EpsilonSchedule:
+    return EpsilonSchedule(self.epsilon_schedule)
 
   @property
   def distinct_budget(self) -> int:
@@ -382,6 +477,14 @@ class FromConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  @classmethod
+  def default_config(cls):
+    """Every field at its default, as an ``ml_collections.ConfigDict``: what a config file
+    starts from, so that a preset states only what it changes and no default is written
+    twice (command-line overrides reach every field)."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    return ml_collections.ConfigDict(cls().to_dict())
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True, default=str)
@@ -501,6 +604,11 @@ class FinalTrainConfig:
   """How the final network is trained (``training.final``). Hashable: its compiled programs
   are cached by it.
 
+  The defaults are a standard long CIFAR schedule, not the paper's exact one (which it does
+  not fully give) [reconstructed]: SGD with Nesterov momentum 0.9, lr 0.1 warmed up linearly
+  over 5 epochs then cosine-decayed to 0, L2 weight decay 5e-4 on conv and dense kernels
+  only, batch 128, 300 epochs, pad-4 crop + flip; bf16 compute on GPU/TPU.
+
   Attributes:
     epochs: passes over the training split.
     batch_size: images per step; each epoch runs ``N_train // batch_size`` steps over a fresh
@@ -558,7 +666,9 @@ class FinalTrainConfig:
 class FinalNetworkSettings(NetworkSettings):
   """The final network: the search's network stacked deeper (N = 4 per stage).
 
-  ``num_classes`` and ``image_size`` are unused: the data always says them here.
+  ``num_classes`` and ``image_size`` are unused: the data always says them here. F = 32 is
+  [reconstructed]: the paper gives the depth, not the width of its CIFAR networks;
+  reimplementations use 32-64.
   """
 
   num_blocks: int = 4
@@ -592,7 +702,8 @@ class FinalSettings(FromConfig):
 
   Attributes:
     seed: seeds initialisation, shuffling, augmentation and the validation hold-out.
-    block: NSC text of the block to retrain ('' to take it from ``search_workdir``).
+    block: NSC text of the block to retrain ('' to take it from ``search_workdir``); by
+      default the paper's residual example block.
     search_workdir: a search's workdir whose ``rank``-th best distinct block is retrained.
     rank: 1 = the best block.
     allow_config_change: continue a workdir whose stored settings differ.
@@ -603,7 +714,7 @@ class FinalSettings(FromConfig):
   """
 
   seed: int = 0
-  block: str = ''
+  block: str = nsc.RESIDUAL_BLOCK.to_text()
   search_workdir: str = ''
   rank: int = 1
   allow_config_change: bool = False

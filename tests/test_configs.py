@@ -24,7 +24,7 @@ def test_the_gpu_preset_is_the_papers_search_with_the_fast_agent_and_a_budget():
   assert {k for k in changed if k.startswith('search.')} == {'search.epsilon_schedule',
                                                             'search.budget'}
   assert gpu.search.budget == 1000 and gpu.search.distinct_budget == 1000
-  assert gpu.agent == settings_lib.AgentSettings(**cifar.FAST_AGENT)
+  assert gpu.agent == settings_lib.FAST_AGENT
   # Enough proposals for the budget even if a third of them were repeats.
   assert gpu.search.schedule.num_iterations * gpu.search.blocks_per_iteration >= 1500
   assert (gpu.network.num_blocks, gpu.network.features, gpu.train.epochs,

@@ -14,6 +14,7 @@ from blockqnn_jax import baselines as bl
 from blockqnn_jax import nb201
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import strategies as st
+from blockqnn_jax.settings import AgentSettings
 
 COLUMNS = [*nb201.DATASET_COLUMNS.values(), nb201.ARCH_COLUMN, 'UniqueString']
 
@@ -219,8 +220,8 @@ def test_qlearner_finds_planted_optimum(table):
   # A faster learner (α=0.3) on the additive landscape, the paper's schedule shortened to
   # the budget: the greedy phase must reach the all-nor_conv_3x3 cell, which uniform
   # sampling finds with p ~ 300/15625 per search.
-  agent = st.QLearner(config=ql.QLearningConfig(alpha=0.3), budget=300,
-                      schedule_unit='iterations')
+  agent = st.QLearner(AgentSettings(alpha=0.3, budget_sized=True,
+                                    schedule_unit='iterations'), budget=300)
   result = bl.search_batch(agent, table.by_code('cifar10'), 300, range(8), batch=8)
   found = np.isclose(result.best(0, 300), table.optimum('cifar10'))
   assert found.mean() >= 0.75

@@ -15,6 +15,7 @@ from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import space as space_lib
 from blockqnn_jax import strategies as st
+from blockqnn_jax.settings import AgentSettings
 
 # Small enough to compile fast; identity and 1x1 pooling present, so the self-merge rule
 # (add(x, identity(x))) matters.
@@ -127,7 +128,7 @@ def test_registry():
   with pytest.raises(KeyError, match='unknown strategy'):
     st.make_strategy('annealing')
   with pytest.raises(ValueError):
-    st.QLearner(exploration='boltzmann')
+    AgentSettings(exploration='boltzmann')
 
 
 # -- the paper's agent, bit for bit -----------------------------------------------------------
@@ -331,7 +332,8 @@ def test_fast_agent_schedule_is_sized_to_the_budget(nb_space):
   state = strategy.init(nb_space, jax.random.PRNGKey(0), budget=50)
   eps = [float(strategy.epsilon(state.replace(told=jnp.int32(t)), 0, 8)) for t in (0, 4, 5, 49)]
   assert eps == [1.0, 1.0, 0.0, 0.0]
-  paper_short = st.QLearner(budget=80, schedule_unit='iterations')
+  paper_short = st.QLearner(AgentSettings(budget_sized=True, schedule_unit='iterations'),
+                            budget=80)
   state = paper_short.init(nb_space, jax.random.PRNGKey(0))  # 10 iterations of 8
   eps = [float(paper_short.epsilon(state, it, 8)) for it in (0, 5, 9, 20)]
   assert eps == pytest.approx([1.0, 1.0, 0.2, 0.1])  # phases at fractions of 10

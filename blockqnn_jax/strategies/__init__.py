@@ -61,8 +61,7 @@ from blockqnn_jax.strategies.interface import Strategy, Trajectories
 from blockqnn_jax.strategies.local_search import LocalSearch, LocalSearchState
 from blockqnn_jax.strategies.paths import (MUTATION_ATTEMPTS, mutate, mutation_uniforms,
                                            neighbours, path_valid, random_paths)
-from blockqnn_jax.strategies.qlearner import (EXPLORATIONS, SCHEDULE_UNITS, QLearner,
-                                              QLearnerState, fast_qlearner)
+from blockqnn_jax.strategies.qlearner import QLearner, QLearnerState, fast_qlearner
 from blockqnn_jax.strategies.random_search import RandomSearch, RandomState
 from blockqnn_jax.strategies.registry import STRATEGIES, make_strategy
 from blockqnn_jax.strategies.state import planned_iterations, restore_state, state_arrays
@@ -70,9 +69,9 @@ from blockqnn_jax.strategies.tried import (TriedSet, init_tried, key_hash, path_
                                            tried_add, tried_contains)
 
 __all__ = [
-    'AgingEvolution', 'EXPLORATIONS', 'EvolutionState', 'LocalSearch', 'LocalSearchState',
+    'AgingEvolution', 'EvolutionState', 'LocalSearch', 'LocalSearchState',
     'MUTATION_ATTEMPTS', 'QLearner', 'QLearnerState', 'RandomSearch', 'RandomState',
-    'SCHEDULE_UNITS', 'STRATEGIES', 'Strategy', 'Trajectories', 'TriedSet', 'fast_qlearner',
+    'STRATEGIES', 'Strategy', 'Trajectories', 'TriedSet', 'fast_qlearner',
     'init_tried', 'key_hash', 'make_strategy', 'mutate', 'mutation_uniforms', 'neighbours',
     'path_hash', 'path_valid', 'planned_iterations', 'random_paths', 'restore_state',
     'state_arrays', 'tried_add', 'tried_contains',
