@@ -122,3 +122,16 @@ class BlockNet(nn.Module):
     return nn.Dense(spec.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
                     kernel_init=initializers.lecun_normal(), bias_init=initializers.zeros,
                     name='head')(x)
+
+
+def build(spec: NetworkSpec, *, scan_blocks: bool = False, dtype: Dtype = jnp.float32
+          ) -> BlockNet:
+  """The network ``spec`` describes, as every training here builds it: the search's
+  candidates (``training.scorer``) and the final network (``training.final``) alike.
+
+  Args:
+    spec: the architecture.
+    scan_blocks: blocks 1..N-1 of a stage under ``nn.scan`` (``NetworkSettings``).
+    dtype: the computation dtype (``engine.resolve_dtype`` of the training's setting).
+  """
+  return BlockNet(spec, dtype=dtype, scan_blocks=scan_blocks)

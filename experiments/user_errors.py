@@ -43,7 +43,7 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
     'blockqnn_jax.search.SearchFailed': (
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
-    'blockqnn_jax.training.final.BlockNotFound': ('no block to retrain', ''),
+    'blockqnn_jax.training.final.block_choice.BlockNotFound': ('no block to retrain', ''),
     'blockqnn_jax.results.Diverged': (
         'diverged', 'lower --config.train.learning_rate; the run resumes from its last '
         'checkpoint'),

@@ -68,8 +68,8 @@ class CandidateScorer:
                                  grammar)
 
   def model(self, prepared: PreparedBlock) -> networks.BlockNet:
-    return networks.BlockNet(prepared.spec, dtype=self.dtype,
-                             scan_blocks=self.network.scan_blocks)
+    return networks.build(prepared.spec, scan_blocks=self.network.scan_blocks,
+                          dtype=self.dtype)
 
   def _cache_key(self, prepared: PreparedBlock) -> tuple:
     return (prepared.key, self.network, self.train_config, str(self.dtype), self.loop,
