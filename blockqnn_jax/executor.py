@@ -17,14 +17,16 @@ from typing import Iterable
 
 from blockqnn_jax import canonical
 from blockqnn_jax import nsc
+from blockqnn_jax.prepare import PreparedBlock
 from blockqnn_jax.results import EvalResult
 
 
 @dataclasses.dataclass
 class Job:
-  """One submitted candidate and the future its result goes to."""
+  """One submitted candidate (a block, or one prepared once: ``PreparedBlock``) and the
+  future its result goes to."""
 
-  block: nsc.Block
+  block: nsc.Block | PreparedBlock
   seed: int
   future: concurrent.futures.Future = dataclasses.field(
       default_factory=concurrent.futures.Future)
@@ -33,6 +35,9 @@ class Job:
   def failed(self, reason: str, device: str = '') -> EvalResult:
     """A failed result for this job, for failures outside the candidate's own training."""
     block = self.block
+    if isinstance(block, PreparedBlock):
+      return EvalResult.failed(block.block.to_text(), reason, canonical_key=block.key,
+                               device=device)
     try:
       key = canonical.canonical_key(block)
     except Exception:  # the block itself may be what is broken

@@ -22,6 +22,7 @@ from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
 from blockqnn_jax import results
+from blockqnn_jax.prepare import PreparedBlock
 from blockqnn_jax.settings import SearchSettings
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import streamed
@@ -77,7 +78,13 @@ class LocalExecutor(executor_lib.Executor):
   def num_workers(self) -> int:
     return len(self.trainers)
 
-  def submit(self, block: nsc.Block, seed: int = 0) -> concurrent.futures.Future:
+  def prepare(self, block: nsc.Block) -> PreparedBlock:
+    """``block`` validated and worked out for this data (every group's is the same): what
+    ``submit`` takes in its place, so a search prepares each block once."""
+    return self.trainers[0].prepare(block)
+
+  def submit(self, block: nsc.Block | PreparedBlock, seed: int = 0
+             ) -> concurrent.futures.Future:
     job = executor_lib.Job(block, seed)
     self._queue.put(job)
     return job.future
@@ -90,7 +97,8 @@ class LocalExecutor(executor_lib.Executor):
   def _compile(self, trainer, job):
     """Prepares and compiles ``job``'s block ahead: ``(prepared, (programs, cached))``."""
     try:
-      prepared = trainer.prepare(job.block)
+      prepared = (job.block if isinstance(job.block, PreparedBlock)
+                  else trainer.prepare(job.block))
       return prepared, trainer.compile(prepared)
     except Exception:  # evaluate() tries again and turns the error into a failed result
       return None

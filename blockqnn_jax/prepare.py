@@ -69,7 +69,8 @@ class PreparedBlock:
     spec = architecture.spec_for(canonical_block, network.kind, network.num_blocks,
                                  network.features, num_classes, image_shape)
     flops, reference = reward_cost_terms(canonical_block, spec)
-    return cls(block, canonical_block, canonical.canonical_key(block), spec, int(flops),
+    # The key is the canonical block's text (canonical.canonical_key): not computed twice.
+    return cls(block, canonical_block, canonical_block.to_text(), spec, int(flops),
                int(reference), float(block.density()), int(cost.network_params(spec)))
 
   def reward(self, accuracy: float, config: results.RewardConfig) -> float:

@@ -37,10 +37,11 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
     'blockqnn_jax.preflight.PreflightError': ('preflight', ''),
     'blockqnn_jax.data.splits.DataError': ('data', 'fix the --config.data. flags'),
     'blockqnn_jax.nsc.NSCError': ('invalid block', "fix the block's NSC text"),
+    'blockqnn_jax.study.StudyError': ('study', ''),
     'blockqnn_jax.store.StoreError': ('workdir', 'move it away or use another --workdir'),
     'blockqnn_jax.workdir_lock.WorkdirBusy': ('workdir busy', ''),
     'blockqnn_jax.settings.ConfigMismatch': ('config', ''),
-    'blockqnn_jax.search.SearchFailed': (
+    'blockqnn_jax.study.SearchFailed': (
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
     'blockqnn_jax.training.final.block_choice.BlockNotFound': ('no block to retrain', ''),

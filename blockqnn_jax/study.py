@@ -1,0 +1,615 @@
+"""An ask/tell study: BlockQNN's agent (or any strategy) for any trainer, with the search's
+store, resume and report — and the core the search loop itself runs on.
+
+  study = Study.create('workdirs/mine', strategy='qlearning_fast', budget=100)
+  while (trial := study.ask()) is not None:
+    if not trial.known:  # a repeat of a block already told is told from the store at once
+      study.tell(trial, reward=my_score(trial.block))
+
+A study proposes blocks iteration by iteration (``search.blocks_per_iteration`` at a time)
+from a key derived from (seed, iteration), stores every iteration's proposals before handing
+any out, records each told result in the workdir's ``search.sqlite`` at once, and lets the
+strategy learn from an iteration as soon as all of it is told, saving its state in one
+atomic write. So a study killed at any moment and opened again asks exactly what it would
+have asked: the told results are kept, and the trials handed out but never told are handed
+out again. ``experiments.report`` draws a study like a search (it is one).
+
+Several trials may be out at once, told in any order; with ``search.max_staleness = S`` the
+next iterations (up to S beyond the one being learned) are proposed before the current one
+is complete, so parallel workers need not wait for its slowest trial. ``ask`` returns None
+when nothing can be handed out until some trial is told (or when the study is done:
+``done``).
+
+Blocks are identified by their canonical form: a block whose canonical key was told before
+(or is in the evaluation cache shared with other searches, ``search.eval_cache``) is not
+handed out for training: its trial comes back from ``ask`` with ``known=True`` and its
+result; one equivalent to a block still out waits for that one's result.
+
+``search.run_search`` is this loop with an executor doing the training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockqnn_jax import canonical
+from blockqnn_jax import eval_cache as eval_cache_lib
+from blockqnn_jax import nsc
+from blockqnn_jax import qlearning as ql
+from blockqnn_jax import results
+from blockqnn_jax import settings as settings_lib
+from blockqnn_jax import space as space_lib
+from blockqnn_jax import store as store_lib
+from blockqnn_jax import strategies
+from blockqnn_jax import workdir_lock
+from blockqnn_jax.prepare import PreparedBlock
+from blockqnn_jax.results import EvalResult
+from blockqnn_jax.settings import SearchSettings
+
+# Fields that may change between a run and its resumption: they decide how, not what.
+RESUMABLE_CHANGES = ('executor.', 'search.stop_after_failures')
+# fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).
+_INIT_STREAM = 2**31 - 1
+# What ``Study.tell`` takes as metrics: the result's measured fields (not its identity).
+METRICS = ('val_accuracy', 'final_loss', 'flops', 'density', 'params', 'compile_s',
+           'train_s', 'eval_s', 'total_s', 'images_per_s', 'device')
+
+ConfigMismatch = settings_lib.ConfigMismatch
+
+
+class StudyError(ValueError):
+  """A trial told wrongly: unknown, told twice, or with a reward that is not a number."""
+
+
+class SearchFailed(RuntimeError):
+  """Candidates keep failing for a reason that is not about the blocks (the data, the
+  devices, the settings): stopping says so instead of teaching the agent reward 0."""
+
+
+def candidate_seed(seed: int, canonical_key: str) -> int:
+  """The training seed of a block: fixed by its canonical form, so a retrained block (after a
+  resume) trains exactly as it would have."""
+  digest = hashlib.sha256(f'{seed}:{canonical_key}'.encode()).digest()
+  return int.from_bytes(digest[:4], 'little') >> 1
+
+
+def stored_settings(store: store_lib.ResultsStore) -> SearchSettings | None:
+  """The settings a workdir's search was started with (None for a new workdir). A field
+  added since then reads as its default, so an older workdir resumes as it ran."""
+  old = store.get_meta('config')
+  return None if old is None else SearchSettings.from_config(old)
+
+
+def check_config(store: store_lib.ResultsStore, settings: SearchSettings,
+                 allow_change: bool) -> None:
+  """Stores ``settings`` in a new workdir; refuses a different search on an existing one
+  (``ConfigMismatch`` naming the fields) unless ``allow_change``."""
+  old = stored_settings(store)
+  if old is not None:
+    changed = settings_lib.differences(old, settings, ignore=RESUMABLE_CHANGES)
+    space_changed = [k for k in changed if k.startswith('space.')]
+    if space_changed and store.load_agent() is not None:
+      raise ConfigMismatch(
+          f'{store.path} holds an agent over another search space ({", ".join(space_changed)}'
+          '): its Q values and sampled blocks cannot follow a changed space, even with '
+          '--allow_config_change; use a new --workdir')
+    settings_lib.refuse_changes(store.path, old.to_dict(), settings.to_dict(),
+                                ignore=RESUMABLE_CHANGES, allow_change=allow_change)
+  store.set_meta('config', settings.to_json())
+
+
+def make_strategy(settings: SearchSettings) -> strategies.Strategy:
+  """The strategy ``settings.search.strategy`` names, with its settings as they are."""
+  loop = settings.search
+  if loop.strategy == 'qlearning':
+    return strategies.QLearner(agent=settings.agent, schedule=loop.schedule,
+                               budget=loop.distinct_budget)
+  if loop.strategy == 'evolution':
+    return strategies.AgingEvolution(population=loop.population, sample=loop.tournament)
+  return strategies.make_strategy(loop.strategy)
+
+
+def proposal_epsilon(strategy, state, iteration: int, n: int) -> float:
+  """What the ε column records: the Q-learner's ε; 1 for random search (all exploration)
+  and 0 for evolution and local search (they exploit a population or an incumbent)."""
+  if isinstance(strategy, strategies.QLearner):
+    return float(strategy.epsilon(state, iteration, n))
+  return 1.0 if isinstance(strategy, strategies.RandomSearch) else 0.0
+
+
+def restore_strategy_state(strategy, space, arrays, budget: int):
+  """The saved strategy state; a workdir from before strategies existed saved the
+  Q-learner as ``q`` and ``memory_<field>``, and resumes as that agent."""
+  if 'memory_states' in arrays and isinstance(strategy, strategies.QLearner):
+    fresh = strategies.state_arrays(strategy.init(space, jax.random.PRNGKey(0), budget))
+    fresh.update({'q': arrays['q'], **{
+        f'memory.{k[len("memory_"):]}': v for k, v in arrays.items()
+        if k.startswith('memory_')}})
+    arrays = fresh
+  return strategies.restore_state(strategy, space, arrays)
+
+
+class FailureWatch:
+  """Counts trained candidates that failed in a row; ``check`` raises ``SearchFailed`` once
+  the last ``limit`` failed for one kind of reason. A run of identical failures is the
+  signature of the settings, the data or the devices, not of the blocks (invalid blocks,
+  the one kind that is only about a block, do not count)."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.reasons: list[str] = []
+
+  def see(self, result: EvalResult) -> None:
+    if result.ok:
+      self.reasons = []
+    elif not result.failure_reason.startswith('invalid block'):
+      self.reasons.append(result.failure_reason)
+
+  def check(self) -> None:
+    if not self.limit or len(self.reasons) < self.limit:
+      return
+    recent = self.reasons[-self.limit:]
+    kinds = {results.failure_kind(r) for r in recent}
+    if len(kinds) == 1:
+      raise SearchFailed(
+          f'the last {len(recent)} candidates trained all failed ({kinds.pop()}): that is the '
+          f'settings, the data or the devices, not the blocks. The last said: {recent[-1]}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+  """One proposed block.
+
+  Attributes:
+    id: ``iteration * blocks_per_iteration + position``: unique in its study.
+    iteration, position: where the strategy proposed it.
+    block: the block as proposed (``nsc.Block``).
+    canonical_key: its canonical form (``canonical.canonical_key``): equivalent blocks
+      share it.
+    seed: the seed to train it from (derived from the block, so a trial handed out again
+      after a resume trains as it would have).
+    known: its result is already known (an equivalent block was told, or the shared
+      evaluation cache has it): it is recorded, and telling it is refused.
+    result: the known result (None otherwise).
+    prepared: the block prepared for training (``PreparedBlock``), when the study was given
+      a ``prepare``; None otherwise.
+  """
+
+  id: int
+  iteration: int
+  position: int
+  block: nsc.Block
+  canonical_key: str
+  seed: int
+  known: bool = False
+  result: EvalResult | None = None
+  prepared: PreparedBlock | None = None
+
+  @property
+  def reward(self) -> float | None:
+    """The known reward (None when unknown or failed)."""
+    return self.result.reward if self.result is not None and self.result.ok else None
+
+
+@dataclasses.dataclass
+class _Iteration:
+  """One proposed iteration on its way to being learned."""
+
+  index: int
+  epsilon: float
+  replay_key: jax.Array
+  trajectories: ql.Trajectories
+  blocks: list[nsc.Block]
+  results: list[EvalResult | None]
+  cached: list[bool]
+
+  @property
+  def complete(self) -> bool:
+    return all(r is not None for r in self.results)
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+  """What ``Study`` reports after learning from an iteration (``on_learned``)."""
+
+  iteration: int
+  epsilon: float
+  results: list[EvalResult]
+  cached: list[bool]
+  finished_here: int  # trials told in this session so far
+  best: store_lib.Candidate | None  # the best candidate of the whole study so far
+
+
+class Study:
+  """An ask/tell study over a workdir (see the module docstring); a context manager.
+
+  Args:
+    settings: what the study searches and how (``SearchSettings``; ``Study.create`` builds
+      them from a grammar and a strategy name).
+    workdir: where ``search.sqlite`` lives (made if missing). Held (``WorkdirLock``) until
+      ``close``: one study or search per workdir.
+    allow_config_change: reopen a workdir whose stored settings differ.
+    max_iterations: propose at most this many iterations in this session (the study stays
+      resumable); None: to the schedule's end.
+    eval_cache: the evaluation cache shared with other searches; required when
+      ``search.eval_cache`` names one (``search.open_eval_cache``).
+    prepare: ``block -> PreparedBlock`` (an executor's), so each block is prepared once,
+      where the study first sees it, and its trial carries the prepared value.
+    on_recorded: called with (iteration, position, result) after each record.
+    on_learned: called with a ``Learned`` after each iteration is learned from.
+
+  Raises:
+    workdir_lock.WorkdirBusy: another study or search holds the workdir.
+    ConfigMismatch: the workdir holds a study of other settings.
+  """
+
+  def __init__(self, settings: SearchSettings, workdir: str | Path, *,
+               allow_config_change: bool = False, max_iterations: int | None = None,
+               eval_cache: eval_cache_lib.EvalCache | None = None,
+               prepare: Callable[[nsc.Block], PreparedBlock] | None = None,
+               on_recorded: Callable[[int, int, EvalResult], None] | None = None,
+               on_learned: Callable[[Learned], None] | None = None):
+    if settings.search.eval_cache and eval_cache is None:
+      raise ValueError('search.eval_cache names a shared cache: pass eval_cache= '
+                       '(open_eval_cache(settings, data, platform))')
+    if eval_cache is not None and not settings.search.eval_cache:
+      raise ValueError("eval_cache= given but search.eval_cache is empty: the search would "
+                       "train with seeds of its own, not the cache's")
+    self.settings = settings
+    self.workdir = Path(workdir)
+    self._lock = workdir_lock.WorkdirLock(workdir, purpose='search')
+    self._lock.__enter__()
+    try:
+      self.store = store_lib.ResultsStore(workdir)
+      check_config(self.store, settings, allow_config_change)
+    except BaseException:
+      self._lock.__exit__(None, None, None)
+      raise
+    self.cache = eval_cache
+    self._prepare = prepare
+    self._on_recorded = on_recorded
+    self._on_learned = on_learned
+    self.space = space_lib.build_space(settings.space)
+    self.strategy = make_strategy(settings)
+    self._schedule = settings.search.schedule
+    self._batch = settings.search.blocks_per_iteration
+    self._staleness = settings.search.max_staleness
+    self._base_key = jax.random.PRNGKey(settings.seed)
+    budget = settings.search.distinct_budget
+    saved = self.store.load_agent()
+    if saved is None:
+      self._first = 0
+      self._state = self.strategy.init(self.space,
+                                       jax.random.fold_in(self._base_key, _INIT_STREAM), budget)
+    else:
+      self._first, arrays = saved
+      self._state = restore_strategy_state(self.strategy, self.space, arrays, budget)
+      logging.info('resuming %s at iteration %d', self.store.path, self._first)
+    # The one iteration that may have been asked after the last save (see ``_begin``).
+    self._asked_after_save = self._first + self._staleness
+    self._last = self._schedule.num_iterations
+    if max_iterations is not None:
+      self._last = min(self._last, self._first + max_iterations)
+    if self._budget_spent():
+      self._last = self._first  # spent: a reopened study proposes nothing more
+    self._learned = self._first  # the next iteration to learn from
+    self._next_sample = self._first
+    self._pending: dict[int, _Iteration] = {}
+    self._queue: list[Trial] = []  # ready to hand out, in order
+    self._out: dict[int, Trial] = {}  # handed out (or queued), not told: id -> trial
+    self._training: dict[str, Trial] = {}  # canonical key -> the trial that trains it
+    self._waiting: dict[str, list[tuple[int, int]]] = {}  # key -> copies waiting for it
+    self.finished_here = 0
+    self._stopped = False  # the budget was reached in this session
+    self._failures = FailureWatch(settings.search.stop_after_failures)
+    self._advance()
+    self._learn_ready()
+
+  # -- the user's side --------------------------------------------------------------------
+
+  @classmethod
+  def create(cls, workdir: str | Path, *, strategy: str = 'qlearning_fast', budget: int = 100,
+             grammar: nsc.Grammar | None = None, seed: int = 0,
+             blocks_per_iteration: int = 4, max_staleness: int = 0,
+             settings: SearchSettings | None = None, **kwargs) -> 'Study':
+    """Creates (or reopens) a study in ``workdir`` of ``strategy`` on ``grammar``.
+
+    Args:
+      workdir: where it lives.
+      strategy: 'qlearning_fast' (the fast agent, beyond the paper), 'qlearning' or
+        'qlearning_paper' (BlockQNN's agent, its ε schedule stretched over the budget),
+        'random', 'evolution' or 'local_search'.
+      budget: distinct blocks to evaluate; then ``done``.
+      grammar: the NSC space (default ``nsc.Grammar()``, the paper's T = 23).
+      seed: seeds the proposals.
+      blocks_per_iteration: proposals per iteration (the strategy learns after each).
+      max_staleness: iterations proposed ahead of the one being learned (for workers in
+        parallel; 0: strict iterations).
+      settings: instead of the above, a whole ``SearchSettings`` (``strategy``... unused).
+      **kwargs: passed to ``Study`` (``allow_config_change``, ``eval_cache``...).
+    """
+    if settings is None:
+      settings = study_settings(strategy, budget, grammar or nsc.Grammar(), seed,
+                                blocks_per_iteration, max_staleness)
+    return cls(settings, workdir, **kwargs)
+
+  @property
+  def done(self) -> bool:
+    """Nothing more will be proposed in this session: the budget is spent, or the schedule
+    (or ``max_iterations``) has ended and every iteration is learned from."""
+    return self._stopped or (self._learned >= self._last and not self._pending)
+
+  @property
+  def outstanding(self) -> list[Trial]:
+    """The trials handed out and not told yet."""
+    queued = {t.id for t in self._queue}
+    return [t for i, t in self._out.items() if i not in queued]
+
+  def ask(self) -> Trial | None:
+    """The next proposed trial, or None while nothing can be handed out until a trial is
+    told, and once the study is ``done``. A trial with ``known=True`` is a repeat already
+    recorded: do not train it (``tell`` refuses it)."""
+    if self._queue and not self._stopped:
+      return self._queue.pop(0)
+    return None
+
+  def tell(self, trial: Trial | int, reward: float | None = None, *,
+           failed: str | None = None, result: EvalResult | None = None,
+           **metrics: Any) -> EvalResult:
+    """Records a trial's outcome; when it completes an iteration, the strategy learns.
+
+    Args:
+      trial: a trial from ``ask`` (or its id).
+      reward: the reward, a finite number (higher is better).
+      failed: instead of a reward, why the trial failed (the strategy learns
+        ``search.failed_reward`` from it).
+      result: instead of both, a whole ``EvalResult`` (what an executor returns).
+      **metrics: measured fields of the record (``METRICS``: ``val_accuracy``,
+        ``train_s``, ...).
+
+    Returns:
+      The result as recorded.
+
+    Raises:
+      StudyError: an unknown trial, one told already, a known one, a reward that is not a
+        finite number, both or neither of ``reward`` and ``failed``, or an unknown metric;
+        nothing is recorded then.
+    """
+    trial = self._trial(trial)
+    result = self._result(trial, reward, failed, result, metrics)
+    del self._out[trial.id]
+    del self._training[trial.canonical_key]
+    self.finished_here += 1
+    shared = False
+    if self.cache is not None:  # another search may have stored it first: take that one
+      result, shared = self.cache.put(trial.canonical_key, trial.seed, result)
+    it = self._pending[trial.iteration]
+    block_text = it.blocks[trial.position].to_text()
+    self._record(it, trial.position, dataclasses.replace(result, block=block_text)
+                 if shared else result, False, shared)
+    for index, position in self._waiting.pop(trial.canonical_key, []):
+      owner = self._pending[index]
+      self._record(owner, position, dataclasses.replace(
+          result, block=owner.blocks[position].to_text()), True)
+    self._learn_ready()
+    return result
+
+  def summary(self) -> dict[str, Any]:
+    """Counts of the whole study so far (all sessions)."""
+    s = self.store
+    saved = s.load_agent()
+    return dict(iterations_done=saved[0] if saved else 0, candidates=s.count(),
+                trained=s.count('WHERE cached = 0'), cached=s.count('WHERE cached = 1'),
+                failed=s.count("WHERE status = 'failed'"), best=s.best(),
+                trained_failed=s.count("WHERE cached = 0 AND status = 'failed'"),
+                shared=s.count('WHERE cached = 0 AND shared = 1'))
+
+  def close(self) -> None:
+    """Closes the store and frees the workdir (told results are already saved)."""
+    if self.store is not None:
+      self.store.close()
+      self.store = None
+      self._lock.__exit__(None, None, None)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # -- the core ----------------------------------------------------------------------------
+
+  def _budget_spent(self) -> bool:
+    budget = self.settings.search.budget
+    return bool(budget) and self.store.count('WHERE cached = 0') >= budget
+
+  def _seed(self, key: str) -> int:
+    if self.cache is not None:  # the same for every search sharing the cache
+      return eval_cache_lib.block_seed(key)
+    return candidate_seed(self.settings.seed, key)
+
+  def _advance(self) -> None:
+    """Proposes every iteration the staleness allows; those past this session's last are
+    proposed and stored for the resumption only. Nothing is learned here: an iteration is
+    always proposed from the state after exactly (its index - S) iterations learned."""
+    if self._stopped or self._learned >= self._last or self._budget_spent():
+      return
+    limit = min(self._learned + self._staleness, self._schedule.num_iterations - 1)
+    while self._next_sample <= limit:
+      self._begin(self._next_sample, hand_out=self._next_sample < self._last)
+      self._next_sample += 1
+
+  def _begin(self, index: int, hand_out: bool) -> None:
+    """Proposes iteration ``index`` (or reloads what it proposed) and queues its trials."""
+    epsilon = proposal_epsilon(self.strategy, self._state, index, self._batch)
+    sample_key, replay_key = jax.random.split(jax.random.fold_in(self._base_key, index))
+    stored = self.store.load_sampled(index)
+    if stored is None:
+      asked, trajectories = self.strategy.ask(self.space, self._state, sample_key, self._batch,
+                                              index)
+      arrays = {'states': trajectories.states, 'lengths': trajectories.lengths}
+      if asked is not self._state:  # an ask that moves the strategy: keep where it moved to
+        arrays.update({f'state.{k}': v for k, v in strategies.state_arrays(asked).items()})
+      self.store.save_sampled(index, arrays)
+      self._state = asked
+    else:
+      trajectories = ql.Trajectories(jnp.asarray(stored['states']),
+                                     jnp.asarray(stored['lengths']))
+      # Iterations up to first + S - 1 were asked before the saved state was learned, so it
+      # holds their asks; the next one was asked after: restore its ask.
+      if index == self._asked_after_save and any(k.startswith('state.') for k in stored):
+        self._state = strategies.restore_state(self.strategy, self.space, {
+            k[len('state.'):]: v for k, v in stored.items() if k.startswith('state.')})
+    if not hand_out:  # beyond this session's last iteration: proposed for the resumption
+      return
+    blocks = self.space.decode_batch(np.asarray(trajectories.states))
+    it = self._pending[index] = _Iteration(index, epsilon, replay_key, trajectories, blocks,
+                                           [None] * len(blocks), [False] * len(blocks))
+    recorded = self.store.iteration_rows(index)
+    for position, block in enumerate(blocks):
+      row = recorded.get(position)
+      if row is not None and row.result.reusable:  # recorded before an interruption
+        it.results[position] = row.result
+        it.cached[position] = row.cached
+        continue
+      if row is not None:  # a transient failure (a lost worker, out of memory): train again
+        self.store.forget(index, position)
+      prepared = self._prepared(block)
+      key = prepared.key if prepared is not None else canonical.canonical_key(block)
+      trial = Trial(index * self._batch + position, index, position, block, key,
+                    self._seed(key), prepared=prepared)
+      earlier = self.store.trained(key)
+      if earlier is not None:
+        result = dataclasses.replace(earlier.result, block=block.to_text())
+        self._record(it, position, result, True)
+        self._queue.append(dataclasses.replace(trial, known=True, result=result))
+      elif key in self._training:  # an equivalent block is out: wait for its result
+        self._waiting.setdefault(key, []).append((index, position))
+      elif self.cache is not None and (shared := self.cache.get(key, trial.seed)) is not None:
+        result = dataclasses.replace(shared, block=block.to_text())
+        self._record(it, position, result, False, True)
+        self._queue.append(dataclasses.replace(trial, known=True, result=result))
+      else:
+        self._training[key] = trial
+        self._out[trial.id] = trial
+        self._queue.append(trial)
+
+  def _prepared(self, block: nsc.Block) -> PreparedBlock | None:
+    if self._prepare is None:
+      return None
+    try:
+      return self._prepare(block)
+    except nsc.NSCError:  # trained as it is: the executor records why it is invalid
+      return None
+
+  def _record(self, it: _Iteration, position: int, result: EvalResult, was_cached: bool,
+              shared: bool = False) -> None:
+    it.results[position], it.cached[position] = result, was_cached
+    self.store.record(it.index, position, it.epsilon, result, was_cached, shared)
+    if self._on_recorded is not None:
+      self._on_recorded(it.index, position, result)
+
+  def _learn_ready(self) -> None:
+    """Learns from every complete iteration in order, proposing what each allows."""
+    while (not self._stopped and self._learned in self._pending
+           and self._pending[self._learned].complete):
+      it = self._pending.pop(self._learned)
+      # In (iteration, position) order, so whether a search stops never depends on timing;
+      # after recording (the failures are kept), before the agent learns reward 0 from them.
+      for result, was_cached in zip(it.results, it.cached):
+        if not was_cached:
+          self._failures.see(result)
+      self._failures.check()
+      failed_reward = self.settings.search.failed_reward
+      rewards = np.asarray([r.reward if r.ok else failed_reward for r in it.results],
+                           np.float32)
+      self._state = self.strategy.tell(self.space, self._state, it.trajectories,
+                                       jnp.asarray(rewards), it.replay_key)
+      self.store.save_agent(it.index + 1, strategies.state_arrays(self._state))
+      self._learned += 1
+      if self._on_learned is not None:
+        self._on_learned(Learned(it.index, it.epsilon, list(it.results), list(it.cached),
+                                 self.finished_here, self.store.best()))
+      if self._budget_spent():
+        logging.info('budget of %d distinct candidates reached', self.settings.search.budget)
+        self._stopped = True
+        return
+      if self._learned >= self._last:
+        return
+      self._advance()
+
+  def _trial(self, trial: Trial | int) -> Trial:
+    tid = trial.id if isinstance(trial, Trial) else trial
+    if isinstance(trial, Trial) and trial.known:
+      raise StudyError(f'trial {tid} is a repeat whose result is known: it is not told')
+    if not isinstance(tid, (int, np.integer)) or isinstance(tid, bool):
+      raise StudyError(f'not a trial: {trial!r}')
+    if tid not in self._out or any(t.id == tid for t in self._queue):
+      recorded = self.store.iteration_rows(tid // self._batch).get(tid % self._batch) \
+          if tid >= 0 else None
+      if recorded is not None:
+        raise StudyError(f'trial {tid} was told already (reward {recorded.reward})')
+      raise StudyError(f'unknown trial id {tid}: not handed out by this study')
+    return self._out[tid]
+
+  def _result(self, trial: Trial, reward, failed, result, metrics) -> EvalResult:
+    if result is not None:
+      if reward is not None or failed is not None or metrics:
+        raise StudyError('tell a result, or a reward (with metrics), or failed=: one of them')
+      return result
+    if (reward is None) == (failed is None):
+      raise StudyError(f'tell trial {trial.id} a reward or failed="reason", not '
+                       f'{"both" if reward is not None else "neither"}')
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+      raise StudyError(f'unknown metric{"s" if len(unknown) > 1 else ""} {", ".join(unknown)}'
+                       f' (known: {", ".join(METRICS)})')
+    base = dict(block=trial.block.to_text(), canonical_key=trial.canonical_key)
+    if failed is not None:
+      if not isinstance(failed, str) or not failed.strip():
+        raise StudyError(f'failed= must say why (a non-empty string), got {failed!r}')
+      return EvalResult(**base, status='failed', failure_reason=failed.strip(), **metrics)
+    if isinstance(reward, (bool, np.bool_)) or not isinstance(
+        reward, (int, float, np.integer, np.floating)) or not math.isfinite(float(reward)):
+      raise StudyError(f'the reward of trial {trial.id} must be a finite number, got '
+                       f'{reward!r}')
+    return EvalResult(**base, status='ok', reward=float(reward), **metrics)
+
+
+def study_settings(strategy: str, budget: int, grammar: nsc.Grammar, seed: int,
+                   blocks_per_iteration: int, max_staleness: int) -> SearchSettings:
+  """The settings ``Study.create`` makes: the paper's search on ``grammar`` with the
+  strategy and budget, and a schedule long enough to offer the budget four times."""
+  if budget < 1:
+    raise settings_lib.SettingsError(f'budget must be >= 1, got {budget}')
+  iterations = max(10, -(-4 * budget // blocks_per_iteration))
+  search = dict(blocks_per_iteration=blocks_per_iteration, budget=budget,
+                max_staleness=max_staleness)
+  agent: dict[str, Any] = {}
+  if strategy == 'qlearning_fast':
+    agent = dataclasses.asdict(settings_lib.FAST_AGENT)
+    first = max(1, iterations // 10)
+    search.update(strategy='qlearning', epsilon_schedule=((1.0, first),
+                                                          (0.0, iterations - first)))
+  elif strategy in ('qlearning', 'qlearning_paper'):
+    agent = dict(budget_sized=True)  # the paper's agent, its schedule over the budget
+    scaled = settings_lib.EpsilonSchedule().scaled(max(iterations, 10))
+    search.update(strategy='qlearning', epsilon_schedule=tuple(
+        (e, n) for e, n in scaled.phases if n))
+  elif strategy in settings_lib.STRATEGIES:
+    search.update(strategy=strategy, epsilon_schedule=((1.0, iterations),))
+  else:
+    raise settings_lib.SettingsError(
+        f"unknown strategy {strategy!r}: use 'qlearning_fast', 'qlearning' "
+        "('qlearning_paper'), 'random', 'evolution' or 'local_search'")
+  return SearchSettings.from_config(dict(seed=seed, space=dataclasses.asdict(grammar),
+                                         agent=agent, search=search, preset='study'))
