@@ -1,0 +1,244 @@
+"""The ask/tell study: any trainer, the search's store, resume after kill -9, one-line errors
+for bad input with nothing stored, and the README's example run as written."""
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from blockqnn_jax import Study
+from blockqnn_jax import canonical
+from blockqnn_jax import nsc
+from blockqnn_jax import store as store_lib
+from blockqnn_jax.report import compare
+from blockqnn_jax.settings import ConfigMismatch
+from blockqnn_jax.study import StudyError
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAMMAR = nsc.Grammar(max_index=5, conv_kernels=(1, 3))
+
+
+def score(block) -> float:
+  """A deterministic stand-in objective of the canonical block, in [0, 1)."""
+  key = canonical.canonical_key(block)
+  return int(hashlib.sha256(key.encode()).hexdigest()[:6], 16) / 16**6
+
+
+def _open(workdir, **kwargs):
+  kwargs.setdefault('budget', 16)
+  return Study.create(workdir, grammar=GRAMMAR, blocks_per_iteration=4, **kwargs)
+
+
+def _run(study, order=None):
+  """Asks everything it can, then tells in ``order`` ('reverse' or as asked), to the end."""
+  while not study.done:
+    asked = []
+    while (trial := study.ask()) is not None:
+      if not trial.known:
+        asked.append(trial)
+    if not asked:
+      break
+    for trial in (asked[::-1] if order == 'reverse' else asked):
+      study.tell(trial, score(trial.block), val_accuracy=0.5)
+
+
+def _rows(workdir):
+  with store_lib.ResultsStore.open_read_only(workdir) as store:
+    rows = sorted((c.iteration, c.position, c.nsc, c.reward, c.cached, c.status)
+                  for c in store.candidates())
+    agent = store.load_agent()
+  return rows, agent
+
+
+@pytest.mark.parametrize('strategy', ['qlearning_fast', 'qlearning', 'random', 'evolution',
+                                      'local_search'])
+def test_a_study_runs_to_its_budget_and_reports_like_a_search(strategy, tmp_path):
+  with _open(tmp_path, strategy=strategy) as study:
+    _run(study)
+    summary = study.summary()
+    assert study.done and study.ask() is None
+  assert 16 <= summary['trained'] < 16 + 4
+  rows, (iterations, _) = _rows(tmp_path)
+  assert iterations == summary['iterations_done'] >= 4
+  told = [r for r in rows if not r[4]]
+  assert all(r[3] == pytest.approx(score(nsc.Block.parse(r[2]))) for r in told)
+  assert len({canonical.canonical_key(nsc.Block.parse(r[2])) for r in told}) == len(told)
+  curve = compare.load_curve(tmp_path)  # what experiments.report draws
+  assert curve.trained == summary['trained']
+  assert curve.best[-1] == pytest.approx(max(r[3] for r in told))
+
+
+def test_trials_told_in_any_order_give_the_same_study(tmp_path):
+  for name, order in (('asked', None), ('reverse', 'reverse')):
+    with _open(tmp_path / name, max_staleness=1) as study:
+      _run(study, order)
+  assert _rows(tmp_path / 'asked')[0] == _rows(tmp_path / 'reverse')[0]
+
+
+def test_several_trials_are_out_at_once_and_ask_waits_for_a_tell(tmp_path):
+  with _open(tmp_path, max_staleness=1) as study:
+    out = list(iter(study.ask, None))
+    fresh = [t for t in out if not t.known]
+    # The current iteration and one ahead (staleness 1); a copy of a block that is out
+    # waits for its result instead of being handed out.
+    assert {t.iteration for t in out} == {0, 1} and 6 <= len(out) <= 8
+    assert study.outstanding == fresh and len({t.id for t in out}) == len(out)
+    assert study.ask() is None and not study.done  # nothing more until iteration 0 is told
+    later = [t for t in fresh if t.iteration == 1]
+    for t in later[::-1]:  # any order: iteration 1 first
+      study.tell(t, score(t.block))
+    assert study.ask() is None
+    for t in fresh:
+      if t.iteration == 0:
+        study.tell(t, score(t.block))
+    # Iterations 0 and 1 are both complete now: both are learned, and 2 and 3 proposed.
+    assert {t.iteration for t in iter(study.ask, None)} == {2, 3}
+
+
+def test_a_repeat_is_known_at_once_and_never_handed_out_for_training(tmp_path):
+  with _open(tmp_path, strategy='random', budget=40) as study:
+    seen, repeats = set(), []
+    while not study.done:
+      batch = []
+      while (trial := study.ask()) is not None:
+        batch.append(trial)
+      if not batch:
+        break
+      for t in batch:
+        if t.known:
+          repeats.append(t)
+          assert t.canonical_key in seen and t.reward == pytest.approx(score(t.block))
+          with pytest.raises(StudyError, match='repeat'):
+            study.tell(t, 0.5)
+        else:
+          assert t.canonical_key not in seen
+          seen.add(t.canonical_key)
+          study.tell(t, score(t.block))
+  assert repeats  # a 5-layer random space repeats within a few dozen blocks
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(reward=float('nan')), 'finite number'), (dict(reward='0.5'), 'finite number'),
+    (dict(reward=math.inf), 'finite number'), (dict(reward=True), 'finite number'),
+    (dict(), 'neither'), (dict(reward=0.5, failed='oom'), 'both'),
+    (dict(failed=''), 'say why'), (dict(reward=0.5, loss=1.0), 'unknown metric loss'),
+])
+def test_bad_tells_are_one_line_errors_and_store_nothing(bad, message, tmp_path):
+  with _open(tmp_path) as study:
+    trial = next(t for t in iter(study.ask, None) if not t.known)
+    before = study.store.count()
+    with pytest.raises(StudyError, match=message) as raised:
+      study.tell(trial, **bad)
+    assert '\n' not in str(raised.value)
+    assert study.store.count() == before
+    study.tell(trial, 0.5)  # the trial is still out, and can be told properly
+    with pytest.raises(StudyError, match='told already'):
+      study.tell(trial, 0.5)
+    with pytest.raises(StudyError, match='unknown trial id 9999'):
+      study.tell(9999, 0.5)
+    assert study.store.count() == before + 1
+
+
+def test_a_failed_trial_is_recorded_with_its_reason(tmp_path):
+  with _open(tmp_path) as study:
+    trial = next(t for t in iter(study.ask, None) if not t.known)
+    result = study.tell(trial, failed='out of memory: my cluster said so')
+    assert result.status == 'failed'
+    row = study.store.iteration_rows(trial.iteration)[trial.position]
+    assert row.failure_reason.startswith('out of memory')
+
+
+def test_reopened_with_other_settings_is_refused_and_one_at_a_time(tmp_path):
+  _open(tmp_path).close()
+  with pytest.raises(ConfigMismatch, match='search.budget'):
+    _open(tmp_path, budget=30)
+  with _open(tmp_path):  # a second process is refused while this one holds the study
+    other = subprocess.run(
+        [sys.executable, '-c', 'import sys; from blockqnn_jax import Study, nsc; '
+         'Study.create(sys.argv[1], grammar=nsc.Grammar(max_index=5, conv_kernels=(1, 3)), '
+         'blocks_per_iteration=4, budget=16)', str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert other.returncode != 0 and 'WorkdirBusy' in other.stderr
+
+
+def test_a_study_reopened_hands_out_again_what_was_never_told(tmp_path):
+  with _open(tmp_path) as study:
+    asked = [t for t in iter(study.ask, None) if not t.known]
+    study.tell(asked[0], score(asked[0].block))  # the rest: the worker died
+  with _open(tmp_path) as study:
+    again = [t for t in iter(study.ask, None) if not t.known]
+    assert [t.id for t in again] == [t.id for t in asked[1:]]
+    assert [t.block for t in again] == [t.block for t in asked[1:]]
+    assert [t.seed for t in again] == [t.seed for t in asked[1:]]
+
+
+_KILLED = textwrap.dedent('''
+    import hashlib, sys, time
+    from blockqnn_jax import Study, canonical, nsc
+    def score(block):
+      key = canonical.canonical_key(block)
+      return int(hashlib.sha256(key.encode()).hexdigest()[:6], 16) / 16**6
+    study = Study.create(sys.argv[1], grammar=nsc.Grammar(max_index=5, conv_kernels=(1, 3)),
+                         blocks_per_iteration=4, budget=24, strategy=sys.argv[2])
+    print('ready', flush=True)
+    while (trial := study.ask()) is not None:
+      if not trial.known:
+        time.sleep(0.05)
+        study.tell(trial, score(trial.block))
+    study.close()
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('strategy', ['qlearning_fast', 'evolution'])
+def test_a_study_killed_at_any_moment_resumes_exactly(strategy, tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  run = lambda w: subprocess.run([sys.executable, '-c', _KILLED, str(w), strategy], env=env,
+                                 capture_output=True, text=True, timeout=600)
+  done = run(tmp_path / 'whole')
+  assert done.returncode == 0, done.stderr[-2000:]
+  rng = np.random.default_rng(0)
+  for kill in range(2):
+    proc = subprocess.Popen([sys.executable, '-c', _KILLED, str(tmp_path / 'killed'), strategy],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'ready'
+    time.sleep(float(rng.uniform(0.1, 0.6)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  resumed = run(tmp_path / 'killed')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  whole, killed = _rows(tmp_path / 'whole'), _rows(tmp_path / 'killed')
+  assert whole[0] == killed[0]
+  assert whole[1][0] == killed[1][0]
+  for name, array in whole[1][1].items():
+    np.testing.assert_array_equal(array, killed[1][1][name], err_msg=name)
+
+
+def _readme_example() -> str:
+  text = (ROOT / 'README.md').read_text()
+  section = text.split('\n## Your own trainer\n', 1)[1]
+  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written_from_an_empty_folder(tmp_path):
+  code = _readme_example()
+  assert 10 <= len(code.strip().splitlines()) <= 20
+  done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'best' in done.stdout
+  workdirs = [p for p in tmp_path.iterdir() if (p / store_lib.DB_NAME).is_file()]
+  assert len(workdirs) == 1
+  assert compare.load_curve(workdirs[0]).trained >= 10
+  json.dumps(done.stdout)
