@@ -234,18 +234,18 @@ class CandidateTrainer(CandidateScorer):
     """Trains from ``state``: ``(trained state, per-epoch mean training loss)``."""
     g = self.group
     batches = self.epoch_batches()
-    epoch_loss = []
-    for epoch_key in epoch_keys:
-      pixels, labels = batches(epoch_key, g.train_images, g.train_labels)
-      if compiled.loop == 'steps':
-        losses = []
-        for i in range(self.steps_per_epoch):
-          state, loss = compiled.fit(state, pixels, labels, i, g.mean, g.std)
-          losses.append(loss)
-        epoch_loss.append(jax.numpy.mean(jax.numpy.stack(losses)))
-      else:
-        state, loss = compiled.fit(state, pixels, labels, g.mean, g.std)
-        epoch_loss.append(loss)
+    if compiled.loop == 'scan':  # one program per epoch: the loop is over epochs
+      def epochs():
+        for epoch_key in epoch_keys:
+          yield (*batches(epoch_key, g.train_images, g.train_labels), g.mean, g.std)
+      state, epoch_loss = engine.step_loop(state, epochs(), compiled.fit, 1)
+    else:
+      def steps():
+        for epoch_key in epoch_keys:
+          pixels, labels = batches(epoch_key, g.train_images, g.train_labels)
+          for i in range(self.steps_per_epoch):
+            yield pixels, labels, i, g.mean, g.std
+      state, epoch_loss = engine.step_loop(state, steps(), compiled.fit, self.steps_per_epoch)
     return state, np.asarray(jax.numpy.stack(epoch_loss))  # waits for training
 
   def train(self, compiled: CompiledCandidate, seed: int

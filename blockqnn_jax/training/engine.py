@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import flax.struct
 import jax
@@ -274,6 +274,36 @@ def epoch_batches(key: jax.Array, images: jax.Array, labels: jax.Array, *, batch
     return augment_batch(step_key, batch, options), labels[index]
 
   return jax.lax.map(one, (order, step_keys))
+
+
+def step_loop(state: TrainState, batches: Iterable[tuple], step: Callable,
+              steps_per_epoch: int, on_epoch: Callable[[list], None] | None = None
+              ) -> tuple[TrainState, list]:
+  """The one Python loop of compiled steps: ``state, loss = step(state, *args)`` for every
+  ``args`` of ``batches``, dispatched without waiting for the device.
+
+  Args:
+    state: the state before the first step.
+    batches: the steps' arguments after the state, in order (a generator may make each
+      epoch's batches when it gets there).
+    step: a compiled step returning ``(state, loss)``.
+    steps_per_epoch: steps per epoch: each epoch's losses are averaged.
+    on_epoch: called with the epochs' mean losses so far after each epoch (a check that
+      reads them waits for the device there; none waits only at the end).
+
+  Returns:
+    ``(state, epoch means)``: the means are ``()`` arrays, one per epoch.
+  """
+  epoch_loss, losses = [], []
+  for args in batches:
+    state, loss = step(state, *args)
+    losses.append(loss)
+    if len(losses) == steps_per_epoch:
+      epoch_loss.append(jnp.mean(jnp.stack(losses)))
+      losses = []
+      if on_epoch is not None:
+        on_epoch(epoch_loss)
+  return state, epoch_loss
 
 
 def fit_epoch(state: TrainState, pixels: jax.Array, labels: jax.Array, mean: jax.Array,

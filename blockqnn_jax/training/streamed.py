@@ -210,19 +210,20 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
       state = engine.init_state(init_key, compiled.model, compiled.tx, self.image_shape)
     state, data_key = jax.device_put((state, data_key), g.replicated)
     t0 = time.perf_counter()
-    epoch_losses, losses = [], []
     stream = self.stream.batches('train', config.batch_size, seed=seed,
                                  num_epochs=config.epochs)
-    for i, (images, labels) in enumerate(stream):
-      pixels = augment(data_key, i, jax.device_put(images, g.batched))
-      state, loss = compiled.step(state, pixels, jax.device_put(labels, g.batched), self.mean,
-                                  self.std)
-      losses.append(loss)
-      if len(losses) == self.steps_per_epoch:
-        epoch_losses.append(float(jnp.mean(jnp.stack(losses))))
-        losses = []
-        # Stop streaming a diverged candidate at the end of the epoch it diverged in.
-        engine.check_divergence(epoch_losses, 0.0, self.num_classes)
+
+    def steps():
+      for i, (images, labels) in enumerate(stream):
+        yield (augment(data_key, i, jax.device_put(images, g.batched)),
+               jax.device_put(labels, g.batched), self.mean, self.std)
+
+    def check(epoch_loss):  # stop streaming a diverged candidate at the end of its epoch
+      engine.check_divergence([float(x) for x in epoch_loss], 0.0, self.num_classes)
+
+    state, epoch_loss = engine.step_loop(state, steps(), compiled.step, self.steps_per_epoch,
+                                         on_epoch=check)
+    epoch_losses = [float(x) for x in epoch_loss]
     jax.block_until_ready(state)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
