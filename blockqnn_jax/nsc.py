@@ -37,6 +37,7 @@ Everything here is pure Python over frozen dataclasses: no JAX, no files.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import enum
 import json
 import re
@@ -461,13 +462,16 @@ INCEPTION_BLOCK = Block.from_tuples(
      (6, 7, 0, 0, 0)])
 
 
+@functools.lru_cache(maxsize=8192)
 def validate_structure(block: Block) -> Block:
   """Checks that ``block`` is a structurally valid NSC; returns it or raises ``NSCError``.
 
   The check is ``validate`` under the loosest grammar the block could belong to (any
   positive kernel size, any number of layers): the generator can build, and retraining can
   train, any such block, while which kernels and how many layers are allowed is the search
-  space's business.
+  space's business. A valid block's check is remembered (blocks are immutable), so the
+  network spec, the cost model and the block builder, which each check the block they are
+  given, check a block once between them.
   """
   def kernels(layer_type: LayerType) -> tuple[int, ...]:
     # The block's own positive kernels (1 when it has none) make its kernels legal.
