@@ -1,4 +1,4 @@
-"""The GPU device check (benchmarks/device_check.py) runs, so it cannot rot before a GPU is lent.
+"""The GPU device check (benchmarks/device_check/) runs, so it cannot rot before a GPU is lent.
 
 The smallest form runs every section end to end through the command line on the CPU, in
 well under a minute; the others check the time boxes and the failure handling without
@@ -132,8 +132,8 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypat
   def fine(check, box):
     return {'compile_ahead': {'status': 'ok'}}
 
-  monkeypatch.setattr(device_check, 'SECTIONS',
-                      (('dtypes', broken), ('compile_ahead', fine)))
+  from benchmarks.device_check import runner
+  monkeypatch.setattr(runner, 'SECTIONS', (('dtypes', broken), ('compile_ahead', fine)))
   report = device_check.run(_smallest(), 'digits', tmp_path / 'dc.json',
                             sections=['dtypes', 'compile_ahead'])
   assert report['dtypes']['status'] == 'error'
