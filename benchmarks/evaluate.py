@@ -108,7 +108,7 @@ def main(argv):
   if _STREAM.value:
     source, path = data_source(_DATA.value)
     size = _VALIDATION.value
-    stream = streamed.StreamData(
+    stream = data_lib.StreamData(
         source, name=path if source == 'tfds' else '', path=None if source == 'tfds' else path,
         image_size=splits.image_shape[0], validation_size=size, seed=0,
         max_train=len(splits.train_labels), mean=tuple(splits.mean.tolist()),

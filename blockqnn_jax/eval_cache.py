@@ -66,7 +66,7 @@ def data_fingerprint(data: Any) -> str:
   """A digest of what a candidate trains and is validated on.
 
   In-memory splits (``data.ImageSplits``): their train and validation pixels and labels.
-  A stream (``training.streamed.OpenStream``): its source, name, file name, image size and
+  A stream (``data.OpenStream``): its source, name, file name, image size and
   the example indices of both parts.
   """
   h = hashlib.sha256()

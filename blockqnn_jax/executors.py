@@ -19,7 +19,7 @@ def make_executor(splits, settings: SearchSettings, *, compile_cache_dir: str | 
   """The executor ``settings.executor.kind`` names: 'local' or 'ray'.
 
   Args:
-    splits: in-memory ``data.ImageSplits`` or a ``streamed.OpenStream``.
+    splits: in-memory ``data.ImageSplits`` or a ``data.OpenStream``.
     settings: the search's settings.
     compile_cache_dir: JAX's persistent compilation cache for Ray workers.
   """

@@ -33,7 +33,7 @@ class LocalExecutor(executor_lib.Executor):
 
   Args:
     splits: the data: in-memory ``ImageSplits`` (every group gets its own device-resident
-      copy) or a ``streamed.OpenStream`` (every group streams its own batches).
+      copy) or a ``data.OpenStream`` (every group streams its own batches).
     settings: the search's settings (``train``, ``reward`` and ``network`` are read).
     devices: the devices to use (default: all local devices).
     devices_per_candidate: devices per group; must divide the number of devices.
@@ -41,7 +41,7 @@ class LocalExecutor(executor_lib.Executor):
     grammar: when given, blocks are validated against it.
   """
 
-  def __init__(self, splits: data_lib.ImageSplits | streamed.OpenStream,
+  def __init__(self, splits: data_lib.ImageSplits | data_lib.OpenStream,
                settings: SearchSettings, devices: Sequence[jax.Device] | None = None,
                devices_per_candidate: int = 1, compile_ahead: bool = True,
                grammar: nsc.Grammar | None = None):
@@ -54,7 +54,7 @@ class LocalExecutor(executor_lib.Executor):
     scoring = (settings.train, settings.reward, settings.network)
     for i in range(0, len(devices), devices_per_candidate):
       group = devices[i:i + devices_per_candidate]
-      if isinstance(splits, streamed.OpenStream):  # too large for the device: streamed
+      if isinstance(splits, data_lib.OpenStream):  # too large for the device: streamed
         self.trainers.append(streamed.StreamingTrainer(
             splits, group, *scoring, cache=self.cache, grammar=grammar))
       else:

@@ -71,15 +71,15 @@ class Preflight:
   seconds: float
 
 
-def _sizes(data: data_lib.ImageSplits | streamed.OpenStream) -> tuple[int, int]:
+def _sizes(data: data_lib.ImageSplits | data_lib.OpenStream) -> tuple[int, int]:
   """(training images, validation images) of in-memory splits or a stream."""
-  if isinstance(data, streamed.OpenStream):
+  if isinstance(data, data_lib.OpenStream):
     return len(data.train_indices), len(data.val_indices)
   return len(data.train_labels), len(data.val_labels)
 
 
 def check_data(settings: SearchSettings,
-               data: data_lib.ImageSplits | streamed.OpenStream) -> None:
+               data: data_lib.ImageSplits | data_lib.OpenStream) -> None:
   """Refuses a batch larger than the training split and an empty validation split."""
   num_train, num_val = _sizes(data)
   d, batch = settings.data, settings.train.batch_size
@@ -147,7 +147,7 @@ def _slice(splits: data_lib.ImageSplits, num_train: int, num_val: int
 
 
 def train_reference(settings: SearchSettings,
-                    data: data_lib.ImageSplits | streamed.OpenStream,
+                    data: data_lib.ImageSplits | data_lib.OpenStream,
                     devices: Sequence[jax.Device]) -> EvalResult:
   """Trains ``REFERENCE_BLOCK`` for one epoch of ``REFERENCE_BATCHES`` batches on a slice of
   ``data`` with the search's training settings; a failure is a failed result."""
@@ -157,7 +157,7 @@ def train_reference(settings: SearchSettings,
   scoring = (config, settings.reward, settings.network)
   block = nsc.Block.parse(REFERENCE_BLOCK)
   try:
-    if isinstance(data, streamed.OpenStream):
+    if isinstance(data, data_lib.OpenStream):
       small = dataclasses.replace(data, train_indices=data.train_indices[:num_train],
                                   val_indices=data.val_indices[:num_val])
       trainer = streamed.StreamingTrainer(small, devices, *scoring)
@@ -171,13 +171,13 @@ def train_reference(settings: SearchSettings,
   return trainer.evaluate(block, seed=settings.seed)
 
 
-def run(settings: SearchSettings, data: data_lib.ImageSplits | streamed.OpenStream,
+def run(settings: SearchSettings, data: data_lib.ImageSplits | data_lib.OpenStream,
         devices: Sequence[jax.Device] | None = None) -> Preflight:
   """Checks that ``settings`` can train a candidate on ``data`` and ``devices``.
 
   Args:
     settings: the search's settings.
-    data: what ``streamed.load_search_data`` loaded for them.
+    data: what ``data_lib.load_search_data`` loaded for them.
     devices: the devices of a local search (default: all local devices). A Ray search's
       reference block trains on this machine's first devices.
 
@@ -189,7 +189,7 @@ def run(settings: SearchSettings, data: data_lib.ImageSplits | streamed.OpenStre
   """
   start = time.perf_counter()
   devices = list(devices or jax.local_devices())
-  streaming = isinstance(data, streamed.OpenStream)
+  streaming = isinstance(data, data_lib.OpenStream)
   check_data(settings, data)
   check_devices(settings, devices, streaming)
   group = devices[:min(settings.executor.devices_per_candidate, len(devices))]

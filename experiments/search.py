@@ -22,6 +22,7 @@ import jax
 from absl import logging
 from ml_collections import config_flags
 
+from blockqnn_jax import data as data_lib
 from blockqnn_jax import executors
 from blockqnn_jax import preflight
 from blockqnn_jax import search as search_lib
@@ -29,7 +30,6 @@ from blockqnn_jax import store as store_lib
 from blockqnn_jax import workdir_lock
 from blockqnn_jax.settings import SearchSettings
 from blockqnn_jax.training import candidate as candidate_lib
-from blockqnn_jax.training import streamed
 from experiments import user_errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
@@ -82,9 +82,9 @@ def main(argv):
       # data loads. run_search takes it again on this thread (the lock is re-entrant).
       holding.enter_context(workdir_lock.WorkdirLock(workdir, purpose='search'))
       _check_store(workdir)
-    splits = streamed.load_search_data(settings.data, settings.network,
+    splits = data_lib.load_search_data(settings.data, settings.network,
                                        settings.data.holdout(settings.seed))
-    if isinstance(splits, streamed.OpenStream):
+    if isinstance(splits, data_lib.OpenStream):
       logging.info('data %s (streamed): %d train / %d validation images at %s', splits.name,
                    len(splits.train_indices), len(splits.val_indices), splits.image_shape)
     else:

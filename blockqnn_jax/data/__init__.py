@@ -13,7 +13,9 @@ One job per module:
   (``balanced_head``).
 * ``readers``: ``load_splits`` over the ``SOURCES`` (TFDS, CIFAR python batches, ``.npz``,
   image folders or tars, scikit-learn's digits), decoding and ``resize_center_crop``.
-* ``stream``: ``stream_batches`` / ``stream_info`` for data too large for memory.
+* ``stream``: ``stream_batches`` / ``stream_info`` for data too large for memory, and what a
+  streamed candidate reads (``StreamData``, opened to an ``OpenStream``).
+* ``search_data``: ``load_search_data``, the data a search's settings name.
 * ``augmentation``: ``normalize``, ``random_crop``, ``random_flip``, ``crop_and_flip`` and
   ``augment``, in JAX.
 
@@ -40,13 +42,20 @@ from blockqnn_jax.data.splits import ImageSplits
 from blockqnn_jax.data.splits import balanced_head
 from blockqnn_jax.data.splits import pixel_stats
 from blockqnn_jax.data.splits import stratified_holdout
+from blockqnn_jax.data.search_data import load_search_data
+from blockqnn_jax.data.search_data import suggest_source
+from blockqnn_jax.data.stream import IMAGENET_MEAN
+from blockqnn_jax.data.stream import IMAGENET_STD
+from blockqnn_jax.data.stream import OpenStream
 from blockqnn_jax.data.stream import STREAM_SOURCES
+from blockqnn_jax.data.stream import StreamData
 from blockqnn_jax.data.stream import stream_batches
 from blockqnn_jax.data.stream import stream_info
 
 __all__ = [
-    'CIFAR10_CLASSES', 'DataError', 'IMAGE_SUFFIXES', 'ImageSplits', 'SOURCES',
-    'STREAM_SOURCES', 'augment', 'crop_and_flip', 'balanced_head', 'holdout_count', 'load_splits', 'normalize', 'pixel_stats',
-    'random_crop', 'random_flip', 'resize_center_crop', 'stratified_holdout', 'stream_batches',
-    'stream_info',
+    'CIFAR10_CLASSES', 'DataError', 'IMAGENET_MEAN', 'IMAGENET_STD', 'IMAGE_SUFFIXES',
+    'ImageSplits', 'OpenStream', 'SOURCES', 'STREAM_SOURCES', 'StreamData', 'augment',
+    'balanced_head', 'crop_and_flip', 'holdout_count', 'load_search_data', 'load_splits',
+    'normalize', 'pixel_stats', 'random_crop', 'random_flip', 'resize_center_crop',
+    'stratified_holdout', 'stream_batches', 'stream_info', 'suggest_source',
 ]

@@ -10,6 +10,7 @@ Batches are numpy uint8 ``(B, S, S, C)`` with int32 labels ``(B,)``, like ``Imag
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import queue
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from blockqnn_jax.data import readers
 from blockqnn_jax.data.splits import DataError
+from blockqnn_jax.data.splits import holdout_count
 
 STREAM_SOURCES = ('tfds', 'image_folder')
 
@@ -161,3 +163,84 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
 
   return consume()
 
+
+# Per-channel pixel mean and standard deviation of ImageNet's training set (0-255 scale).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamData:
+  """Where a large dataset streams from (see ``data.stream_batches``).
+
+  Attributes:
+    source: 'tfds' (e.g. ``name='imagenet2012'``) or 'image_folder' (``path`` to a folder or
+      tar laid out ``train/<class>/<image>``).
+    name: the TFDS name.
+    path: TFDS ``data_dir``, or the folder / tar.
+    image_size: images are resized (shorter side) and centre-cropped to this side.
+    validation_size: held out of the training split for the reward; a count (>= 1) or a
+      fraction.
+    seed: decides the held-out part and the shuffles.
+    max_train: train on at most this many of the remaining images (0 = all), e.g. the
+      common 10% ImageNet proxy.
+    mean, std: per-channel normalisation (0-255 scale).
+    decode_threads: host threads decoding images.
+  """
+
+  source: str
+  name: str = ''
+  path: str | None = None
+  image_size: int = 224
+  validation_size: float = 10000
+  seed: int = 0
+  max_train: int = 0
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
+  decode_threads: int = 8
+
+  def open(self) -> 'OpenStream':
+    """Checks the source and fixes the held-out validation part (reads no images)."""
+    total, num_classes = stream_info(self.source, name=self.name, split='train',
+                                              path=self.path)
+    holdout = holdout_count(self.validation_size, total)
+    if not 0 < holdout < total:
+      raise DataError(f'validation_size {self.validation_size} must leave both '
+                               f'parts of the {total} training images non-empty')
+    order = np.random.default_rng([self.seed, 7]).permutation(total)
+    train = np.sort(order[holdout:])
+    if self.max_train:
+      train = np.sort(np.random.default_rng([self.seed, 11]).choice(
+          train, min(self.max_train, len(train)), replace=False))
+    if len(self.mean) != len(self.std):
+      raise ValueError('mean and std need one value per channel')
+    return OpenStream(self, num_classes, train, np.sort(order[:holdout]))
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenStream:
+  """A ``StreamData`` with its class count and its train / validation example indices."""
+
+  data: StreamData
+  num_classes: int
+  train_indices: np.ndarray
+  val_indices: np.ndarray
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.data.image_size, self.data.image_size, len(self.data.mean))
+
+  @property
+  def name(self) -> str:
+    return self.data.name or str(self.data.path)
+
+  def batches(self, part: str, batch_size: int, *, seed: int = 0, num_epochs: int = 1):
+    """Host batches of the 'train' part (shuffled, full batches only) or the 'val' part
+    (in order, last batch partial)."""
+    train = part == 'train'
+    return stream_batches(
+        self.data.source, name=self.data.name, split='train', path=self.data.path,
+        batch_size=batch_size, image_size=self.data.image_size, seed=seed, shuffle=train,
+        num_epochs=num_epochs, drop_remainder=train,
+        indices=self.train_indices if train else self.val_indices,
+        decode_threads=self.data.decode_threads)

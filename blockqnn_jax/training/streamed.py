@@ -21,95 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import data as data_lib
 from blockqnn_jax import nsc
 from blockqnn_jax.prepare import PreparedBlock
 from blockqnn_jax.results import RewardConfig
-from blockqnn_jax.settings import DataSettings, NetworkSettings, TrainConfig
+from blockqnn_jax.settings import NetworkSettings, TrainConfig
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import engine
+# The streamed data's types live in ``data`` (``data.stream``); these names are part of the
+# streamed path's interface as they always were.
+from blockqnn_jax.data.stream import IMAGENET_MEAN, IMAGENET_STD, OpenStream, StreamData  
+from blockqnn_jax.data.search_data import load_search_data, suggest_source
 
-# Per-channel pixel mean and standard deviation of ImageNet's training set (0-255 scale).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamData:
-  """Where a large dataset streams from (see ``data.stream_batches``).
-
-  Attributes:
-    source: 'tfds' (e.g. ``name='imagenet2012'``) or 'image_folder' (``path`` to a folder or
-      tar laid out ``train/<class>/<image>``).
-    name: the TFDS name.
-    path: TFDS ``data_dir``, or the folder / tar.
-    image_size: images are resized (shorter side) and centre-cropped to this side.
-    validation_size: held out of the training split for the reward; a count (>= 1) or a
-      fraction.
-    seed: decides the held-out part and the shuffles.
-    max_train: train on at most this many of the remaining images (0 = all), e.g. the
-      common 10% ImageNet proxy.
-    mean, std: per-channel normalisation (0-255 scale).
-    decode_threads: host threads decoding images.
-  """
-
-  source: str
-  name: str = ''
-  path: str | None = None
-  image_size: int = 224
-  validation_size: float = 10000
-  seed: int = 0
-  max_train: int = 0
-  mean: tuple[float, ...] = IMAGENET_MEAN
-  std: tuple[float, ...] = IMAGENET_STD
-  decode_threads: int = 8
-
-  def open(self) -> 'OpenStream':
-    """Checks the source and fixes the held-out validation part (reads no images)."""
-    total, num_classes = data_lib.stream_info(self.source, name=self.name, split='train',
-                                              path=self.path)
-    holdout = data_lib.holdout_count(self.validation_size, total)
-    if not 0 < holdout < total:
-      raise data_lib.DataError(f'validation_size {self.validation_size} must leave both '
-                               f'parts of the {total} training images non-empty')
-    order = np.random.default_rng([self.seed, 7]).permutation(total)
-    train = np.sort(order[holdout:])
-    if self.max_train:
-      train = np.sort(np.random.default_rng([self.seed, 11]).choice(
-          train, min(self.max_train, len(train)), replace=False))
-    if len(self.mean) != len(self.std):
-      raise ValueError('mean and std need one value per channel')
-    return OpenStream(self, num_classes, train, np.sort(order[:holdout]))
-
-
-@dataclasses.dataclass(frozen=True)
-class OpenStream:
-  """A ``StreamData`` with its class count and its train / validation example indices."""
-
-  data: StreamData
-  num_classes: int
-  train_indices: np.ndarray
-  val_indices: np.ndarray
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return (self.data.image_size, self.data.image_size, len(self.data.mean))
-
-  @property
-  def name(self) -> str:
-    return self.data.name or str(self.data.path)
-
-  def batches(self, part: str, batch_size: int, *, seed: int = 0, num_epochs: int = 1):
-    """Host batches of the 'train' part (shuffled, full batches only) or the 'val' part
-    (in order, last batch partial)."""
-    train = part == 'train'
-    return data_lib.stream_batches(
-        self.data.source, name=self.data.name, split='train', path=self.data.path,
-        batch_size=batch_size, image_size=self.data.image_size, seed=seed, shuffle=train,
-        num_epochs=num_epochs, drop_remainder=train,
-        indices=self.train_indices if train else self.val_indices,
-        decode_threads=self.data.decode_threads)
-
+__all__ = ['CompiledStep', 'IMAGENET_MEAN', 'IMAGENET_STD', 'OpenStream', 'StreamData',
+           'StreamingTrainer', 'load_search_data', 'suggest_source']
 
 @dataclasses.dataclass
 class CompiledStep:
@@ -250,38 +174,3 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
     return correct / count, loss / count
 
 
-def suggest_source(path: str) -> str:
-  """The source that reads a file or folder like ``path``."""
-  name = path.rstrip('/').lower()
-  if name.endswith('.npz'):
-    return 'npz'
-  if 'batches' in name or 'cifar-100-python' in name:
-    return 'cifar_batches'
-  return 'image_folder'
-
-
-def load_search_data(data: DataSettings, network: NetworkSettings, seed: int
-                     ) -> data_lib.ImageSplits | OpenStream:
-  """The data a search's settings name: in-memory splits, or an opened stream when
-  ``data.stream`` (ImageNet-sized data). Either way the validation part is held out of the
-  training split, deterministically from ``seed``.
-
-  Raises:
-    data.DataError: the data cannot be read, or ``data.path`` is set for a source that
-      reads no path (it would be silently ignored).
-  """
-  if data.path and data.source == 'digits':
-    raise data_lib.DataError(
-        f'data.path={data.path!r} is not read by data.source=digits (the bundled 8x8 '
-        f'digits); pass --config.data.source={suggest_source(data.path)} to train on it')
-  if data.stream:
-    if not data.path and data.source == 'image_folder':
-      raise data_lib.DataError('data.source=image_folder needs --config.data.path= (a folder '
-                               'or tar laid out train/<class>/<image>)')
-    return StreamData(data.source, name=data.name, path=data.path or None,
-                      image_size=network.image_size, validation_size=data.validation_size,
-                      seed=seed, max_train=data.max_train,
-                      decode_threads=data.decode_threads).open()
-  return data_lib.load_splits(data.source, name=data.name, path=data.path or None,
-                              validation_size=data.validation_size, seed=seed,
-                              max_train=data.max_train or None, download=data.download)
