@@ -32,18 +32,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config = FinalSettings.default_config()
   config.preset = preset
   if preset == 'smoke':
+    # scikit-learn's bundled 8x8 digits: runs offline on any machine. Sized to show learning
+    # in about a minute on a 2-core CPU: the paper's residual block reached 87% test accuracy
+    # in 39 s here (12 epochs at F = 8 stopped at 60%).
     config.network.num_blocks = 1
-    config.network.features = 8
-    # scikit-learn's bundled 8x8 digits: runs offline on any machine.
+    config.network.features = 16
     config.data.source = 'digits'
     config.data.name = 'digits'
     config.data.validation_size = 200
-    config.train.epochs = 2
+    config.train.epochs = 20
     config.train.warmup_epochs = 1.0
     config.train.batch_size = 64
     config.train.learning_rate = 0.05
     config.train.eval_batch_size = 200
-    config.train.checkpoint_every_epochs = 1
+    config.train.checkpoint_every_epochs = 5
   elif preset != 'paper':
     raise ValueError(f'unknown preset {preset!r}: use "paper" or "smoke"')
   return config

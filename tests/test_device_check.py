@@ -58,7 +58,9 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   assert report['settings']['data']['source'] == 'digits'
   for name in device_check.SECTION_KEYS:
     timing = report['timings'][name]
-    assert timing['status'] == 'ok' and timing['elapsed_s'] >= 0 and timing['budget_s'] > 0
+    assert timing['status'] == 'ok' and timing['budget_s'] == 600
+    assert 0 < timing['elapsed_s'] <= report['timings']['total_s']
+    assert timing['started_at_s'] + timing['elapsed_s'] <= report['timings']['total_s'] + 1
 
   loops = report['loops']
   assert loops['recommendation'] in ('scan', 'steps')
@@ -66,12 +68,25 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   assert loops['auto_resolves_to'] == 'steps'  # what the library picks on CPU
   for loop in ('scan', 'steps'):
     assert _positive(loops['per_loop'][loop]['images_per_s'])
+  train_s = {l: sum(r['train_s'] for r in loops['rows']
+                    if r['loop'] == l and r['block'] in loops['compared_on'])
+             for l in ('scan', 'steps')}
+  assert loops['compared_on'] and loops['recommendation'] == min(train_s, key=train_s.get)
+  assert loops['train_s_ratio_steps_over_scan'] == pytest.approx(
+      train_s['steps'] / train_s['scan'])
+  assert loops['auto_agrees'] == (loops['recommendation'] == 'steps')
 
   dtypes = report['dtypes']
   for dtype in ('bfloat16', 'float32'):
     assert _positive(dtypes['per_dtype'][dtype]['images_per_s'])
     assert _fraction(dtypes['per_dtype'][dtype]['val_accuracy'])
   assert _positive(dtypes['speedup_bf16_over_fp32'])
+  # bf16 and fp32 trained the same blocks: the speed-up is their training times' ratio.
+  dtype_s = {d: sum(r['train_s'] for r in dtypes['rows']
+                    if r['dtype'] == d and r['block'] in dtypes['compared_on'])
+             for d in ('bfloat16', 'float32')}
+  assert dtypes['speedup_bf16_over_fp32'] == pytest.approx(
+      dtype_s['float32'] / dtype_s['bfloat16'])
 
   per_hour = report['candidates_per_hour']
   for key in ('measured_subset', 'projected_45k', 'device_bound_45k',
@@ -86,7 +101,9 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   assert share['without_cache']['files_in_cache'] > 0
 
   ahead = report['compile_ahead']
-  assert _positive(ahead['candidates_per_hour_ratio'])
+  assert ahead['candidates_per_hour_ratio'] == pytest.approx(
+      ahead['with_compile_ahead']['candidates_per_hour']
+      / ahead['without_compile_ahead']['candidates_per_hour'])
   assert ahead['with_compile_ahead']['compile_ahead'] is True
   assert ahead['without_compile_ahead']['compile_ahead'] is False
 
@@ -100,8 +117,10 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   targets = report['targets']
   assert targets['min_candidates_per_gpu_hour'] == 300
   assert targets['max_outside_train_share'] == 0.25
-  assert isinstance(targets['met_serial'], bool)
-  assert isinstance(targets['met_outside_train_share'], bool)
+  assert targets['serial_projected_45k'] == per_hour['projected_45k']
+  assert targets['met_serial'] is (per_hour['projected_45k'] >= 300)
+  outside = share['without_cache']['projected_45k']['outside_train_share']
+  assert targets['met_outside_train_share'] is (outside <= 0.25)
   assert 'candidates/hour' in device_check.format_table(report)
   assert report['settings']['cache_everywhere'] is True
 

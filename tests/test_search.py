@@ -4,6 +4,8 @@ import concurrent.futures
 import hashlib
 import json
 import os
+from pathlib import Path
+import shlex
 import signal
 import subprocess
 import sys
@@ -193,18 +195,29 @@ def test_kill_9_loses_only_candidates_in_flight(tmp_path):
   assert not retrained & recorded_before  # no finished candidate trained again
 
 
+def _readme_search_command() -> list[str]:
+  """The search command of the README's "Set up and run" section, as a new user runs it."""
+  text = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  section = text.split('\n## Set up and run\n', 1)[1].split('\n## ', 1)[0]
+  line = next(l for l in section.splitlines() if l.startswith('python -m experiments.search'))
+  return shlex.split(line)
+
+
+@pytest.mark.slow
 def test_the_readme_search_command_runs(tmp_path):
-  """The main job as a new user runs it (smoke preset, digits that ship with scikit-learn),
-  cut to one iteration of two candidates."""
-  command = [sys.executable, '-m', 'experiments.search', '--config=configs/cifar.py:smoke',
-             f'--workdir={tmp_path}', '--config.search.blocks_per_iteration=2',
-             '--config.train.epochs=1', '--max_iterations=1', '--noprogress']
-  out = subprocess.run(command, capture_output=True, text=True, timeout=600,
+  """The main job exactly as the README gives it (smoke preset, digits that ship with
+  scikit-learn), in a workdir of its own; scripts/smoke runs the same command."""
+  command = _readme_search_command()
+  root = Path(__file__).resolve().parents[1]
+  assert ' '.join(command[2:]) in (root / 'scripts' / 'smoke').read_text().replace(
+      ' \\\n  ', ' ')
+  command = [sys.executable] + command[1:-1] + [f'--workdir={tmp_path}']
+  out = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=root,
                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'candidates 2' in out.stdout and 'best reward' in out.stdout
+  assert 'iterations 7, candidates 28' in out.stdout and 'best reward' in out.stdout
   store = store_lib.ResultsStore(tmp_path)
-  assert store.count("WHERE status = 'ok'") >= 1 and store.load_agent()[0] == 1
+  assert store.count("WHERE status = 'ok'") >= 1 and store.load_agent()[0] == 7
   store.close()
   assert any((tmp_path / 'compile_cache').iterdir())  # the persistent compilation cache
 

@@ -304,9 +304,22 @@ def test_a_candidate_optimiser_state_starts_at_zero(trainer, weight_decay, flat)
 
 
 def test_bfloat16_compute_path_runs_on_cpu(splits):
-  """The GPU/TPU precision (bf16 activations, fp32 parameters), exercised here on CPU."""
+  """The GPU/TPU precision (bf16 activations, fp32 parameters), exercised here on CPU: the
+  candidate's compiled steps carry bf16 activations (the fp32 ones none), and it trains."""
   result = _evaluate(SMALL, _config(compute_dtype='bfloat16', epochs=2), splits)
   assert result.ok and np.isfinite(result.final_loss), result
+  programs = {}
+  for dtype in ('bfloat16', 'float32'):
+    s = SearchSettings.from_config(_config(compute_dtype=dtype, epochs=2))
+    trainer = candidate_lib.CandidateTrainer(
+        candidate_lib.DeviceGroup.place(splits, jax.local_devices()[:1]), s.train, s.reward,
+        s.network)
+    assert trainer.dtype == {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[dtype]
+    programs[dtype] = trainer.compile(SMALL)[0].fit.as_text()
+  # XLA:CPU runs a bf16 convolution in f32 between converts; what reaches the program is
+  # the activations in bf16: dozens of bf16 values in one, none in the other.
+  assert programs['bfloat16'].count('bf16[') > 20
+  assert 'bf16' not in programs['float32']
 
 
 def test_real_cifar10_pixels_end_to_end(shared_data):
