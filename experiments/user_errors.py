@@ -32,7 +32,7 @@ _VERBOSE = flags.DEFINE_bool('verbose', False,
 # The exceptions that are a user's mistake (a setting, the data, the workdir), by qualified
 # name, each with what to call it and how to fix it when its own message does not say.
 USER_ERRORS: dict[str, tuple[str, str]] = {
-    'blockqnn_jax.settings.SettingsError': (
+    'blockqnn_jax.settings.base.SettingsError': (
         'config', 'fix that --config. flag or the config file'),
     'blockqnn_jax.preflight.PreflightError': ('preflight', ''),
     'blockqnn_jax.data.splits.DataError': ('data', 'fix the --config.data. flags'),
@@ -40,7 +40,7 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
     'blockqnn_jax.study.StudyError': ('study', ''),
     'blockqnn_jax.store.StoreError': ('workdir', 'move it away or use another --workdir'),
     'blockqnn_jax.workdir_lock.WorkdirBusy': ('workdir busy', ''),
-    'blockqnn_jax.settings.ConfigMismatch': ('config', ''),
+    'blockqnn_jax.settings.base.ConfigMismatch': ('config', ''),
     'blockqnn_jax.study.SearchFailed': (
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
