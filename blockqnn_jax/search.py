@@ -36,12 +36,11 @@ from blockqnn_jax.results import EvalResult
 from blockqnn_jax.settings import SearchSettings
 # The search's core lives in ``study``; these names are part of this module's interface.
 from blockqnn_jax.study import (RESUMABLE_CHANGES, ConfigMismatch, SearchFailed,
-                                candidate_seed, check_config, make_strategy,
-                                proposal_epsilon, restore_strategy_state, stored_settings)
+                                candidate_seed, check_config, stored_settings)
 
 __all__ = ['ConfigMismatch', 'RESUMABLE_CHANGES', 'SearchFailed', 'SearchSummary',
-           'candidate_seed', 'check_config', 'make_strategy', 'open_eval_cache',
-           'proposal_epsilon', 'restore_strategy_state', 'run_search', 'stored_settings']
+           'candidate_seed', 'check_config', 'open_eval_cache', 'run_search',
+           'stored_settings']
 
 
 @dataclasses.dataclass(frozen=True)

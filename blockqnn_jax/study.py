@@ -107,37 +107,6 @@ def check_config(store: store_lib.ResultsStore, settings: SearchSettings,
   store.set_meta('config', settings.to_json())
 
 
-def make_strategy(settings: SearchSettings) -> strategies.Strategy:
-  """The strategy ``settings.search.strategy`` names, with its settings as they are."""
-  loop = settings.search
-  if loop.strategy == 'qlearning':
-    return strategies.QLearner(agent=settings.agent, schedule=loop.schedule,
-                               budget=loop.distinct_budget)
-  if loop.strategy == 'evolution':
-    return strategies.AgingEvolution(population=loop.population, sample=loop.tournament)
-  return strategies.make_strategy(loop.strategy)
-
-
-def proposal_epsilon(strategy, state, iteration: int, n: int) -> float:
-  """What the ε column records: the Q-learner's ε; 1 for random search (all exploration)
-  and 0 for evolution and local search (they exploit a population or an incumbent)."""
-  if isinstance(strategy, strategies.QLearner):
-    return float(strategy.epsilon(state, iteration, n))
-  return 1.0 if isinstance(strategy, strategies.RandomSearch) else 0.0
-
-
-def restore_strategy_state(strategy, space, arrays, budget: int):
-  """The saved strategy state; a workdir from before strategies existed saved the
-  Q-learner as ``q`` and ``memory_<field>``, and resumes as that agent."""
-  if 'memory_states' in arrays and isinstance(strategy, strategies.QLearner):
-    fresh = strategies.state_arrays(strategy.init(space, jax.random.PRNGKey(0), budget))
-    fresh.update({'q': arrays['q'], **{
-        f'memory.{k[len("memory_"):]}': v for k, v in arrays.items()
-        if k.startswith('memory_')}})
-    arrays = fresh
-  return strategies.restore_state(strategy, space, arrays)
-
-
 class FailureWatch:
   """Counts trained candidates that failed in a row; ``check`` raises ``SearchFailed`` once
   the last ``limit`` failed for one kind of reason. A run of identical failures is the
@@ -279,7 +248,7 @@ class Study:
     self._on_recorded = on_recorded
     self._on_learned = on_learned
     self.space = space_lib.build_space(settings.space)
-    self.strategy = make_strategy(settings)
+    self.strategy = strategies.for_settings(settings)
     self._schedule = settings.search.schedule
     self._batch = settings.search.blocks_per_iteration
     self._staleness = settings.search.max_staleness
@@ -292,7 +261,7 @@ class Study:
                                        jax.random.fold_in(self._base_key, _INIT_STREAM), budget)
     else:
       self._first, arrays = saved
-      self._state = restore_strategy_state(self.strategy, self.space, arrays, budget)
+      self._state = strategies.restore_saved_state(self.strategy, self.space, arrays, budget)
       logging.info('resuming %s at iteration %d', self.store.path, self._first)
     # The one iteration that may have been asked after the last save (see ``_begin``).
     self._asked_after_save = self._first + self._staleness
@@ -338,8 +307,8 @@ class Study:
       **kwargs: passed to ``Study`` (``allow_config_change``, ``eval_cache``...).
     """
     if settings is None:
-      settings = study_settings(strategy, budget, grammar or nsc.Grammar(), seed,
-                                blocks_per_iteration, max_staleness)
+      settings = SearchSettings.for_study(strategy, budget, grammar or nsc.Grammar(), seed,
+                                          blocks_per_iteration, max_staleness)
     return cls(settings, workdir, **kwargs)
 
   @property
@@ -450,7 +419,7 @@ class Study:
 
   def _begin(self, index: int, hand_out: bool) -> None:
     """Proposes iteration ``index`` (or reloads what it proposed) and queues its trials."""
-    epsilon = proposal_epsilon(self.strategy, self._state, index, self._batch)
+    epsilon = strategies.proposal_epsilon(self.strategy, self._state, index, self._batch)
     sample_key, replay_key = jax.random.split(jax.random.fold_in(self._base_key, index))
     stored = self.store.load_sampled(index)
     if stored is None:
@@ -583,33 +552,3 @@ class Study:
       raise StudyError(f'the reward of trial {trial.id} must be a finite number, got '
                        f'{reward!r}')
     return EvalResult(**base, status='ok', reward=float(reward), **metrics)
-
-
-def study_settings(strategy: str, budget: int, grammar: nsc.Grammar, seed: int,
-                   blocks_per_iteration: int, max_staleness: int) -> SearchSettings:
-  """The settings ``Study.create`` makes: the paper's search on ``grammar`` with the
-  strategy and budget, and a schedule long enough to offer the budget four times."""
-  if budget < 1:
-    raise settings_lib.SettingsError(f'budget must be >= 1, got {budget}')
-  iterations = max(10, -(-4 * budget // blocks_per_iteration))
-  search = dict(blocks_per_iteration=blocks_per_iteration, budget=budget,
-                max_staleness=max_staleness)
-  agent: dict[str, Any] = {}
-  if strategy == 'qlearning_fast':
-    agent = dataclasses.asdict(settings_lib.FAST_AGENT)
-    first = max(1, iterations // 10)
-    search.update(strategy='qlearning', epsilon_schedule=((1.0, first),
-                                                          (0.0, iterations - first)))
-  elif strategy in ('qlearning', 'qlearning_paper'):
-    agent = dict(budget_sized=True)  # the paper's agent, its schedule over the budget
-    scaled = settings_lib.EpsilonSchedule().scaled(max(iterations, 10))
-    search.update(strategy='qlearning', epsilon_schedule=tuple(
-        (e, n) for e, n in scaled.phases if n))
-  elif strategy in settings_lib.STRATEGIES:
-    search.update(strategy=strategy, epsilon_schedule=((1.0, iterations),))
-  else:
-    raise settings_lib.SettingsError(
-        f"unknown strategy {strategy!r}: use 'qlearning_fast', 'qlearning' "
-        "('qlearning_paper'), 'random', 'evolution' or 'local_search'")
-  return SearchSettings.from_config(dict(seed=seed, space=dataclasses.asdict(grammar),
-                                         agent=agent, search=search, preset='study'))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from blockqnn_jax import nsc
 from blockqnn_jax.results import RewardConfig
-from blockqnn_jax.settings.agent import (AgentSettings, EpsilonSchedule, PAPER_EPSILON_SCHEDULE,
-                                         STRATEGIES)
+from blockqnn_jax.settings.agent import (FAST_AGENT, PAPER_EPSILON_SCHEDULE, STRATEGIES,
+                                         AgentSettings, EpsilonSchedule)
 from blockqnn_jax.settings.base import (COMPUTE_DTYPES, DATA_SOURCES, EXECUTOR_KINDS, FromConfig,
-                                        PRNG_IMPLS, TRAIN_LOOPS, _check, _one_of)
+                                        PRNG_IMPLS, TRAIN_LOOPS, SettingsError, _check,
+                                        _one_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,3 +296,34 @@ class SearchSettings(FromConfig):
   reward: RewardConfig = RewardConfig()
   executor: ExecutorSettings = ExecutorSettings()
   preset: str = ''
+
+  @classmethod
+  def for_study(cls, strategy: str, budget: int, grammar: nsc.Grammar, seed: int = 0,
+                blocks_per_iteration: int = 4, max_staleness: int = 0) -> 'SearchSettings':
+    """What ``study.Study.create`` runs: the paper's search on ``grammar`` with the strategy
+    (by its ``Study`` name) and budget, and a schedule long enough to offer the budget four
+    times."""
+    if budget < 1:
+      raise SettingsError(f'budget must be >= 1, got {budget}')
+    iterations = max(10, -(-4 * budget // blocks_per_iteration))
+    search = dict(blocks_per_iteration=blocks_per_iteration, budget=budget,
+                  max_staleness=max_staleness)
+    agent: dict[str, Any] = {}
+    if strategy == 'qlearning_fast':
+      agent = dataclasses.asdict(FAST_AGENT)
+      first = max(1, iterations // 10)
+      search.update(strategy='qlearning', epsilon_schedule=((1.0, first),
+                                                            (0.0, iterations - first)))
+    elif strategy in ('qlearning', 'qlearning_paper'):
+      agent = dict(budget_sized=True)  # the paper's agent, its schedule over the budget
+      scaled = EpsilonSchedule().scaled(max(iterations, 10))
+      search.update(strategy='qlearning', epsilon_schedule=tuple(
+          (e, n) for e, n in scaled.phases if n))
+    elif strategy in STRATEGIES:
+      search.update(strategy=strategy, epsilon_schedule=((1.0, iterations),))
+    else:
+      raise SettingsError(
+          f"unknown strategy {strategy!r}: use 'qlearning_fast', 'qlearning' "
+          "('qlearning_paper'), 'random', 'evolution' or 'local_search'")
+    return cls.from_config(dict(seed=seed, space=dataclasses.asdict(grammar), agent=agent,
+                                search=search, preset='study'))

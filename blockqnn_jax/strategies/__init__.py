@@ -63,14 +63,16 @@ from blockqnn_jax.strategies.paths import (MUTATION_ATTEMPTS, mutate, mutation_u
                                            neighbours, path_valid, random_paths)
 from blockqnn_jax.strategies.qlearner import QLearner, QLearnerState, fast_qlearner
 from blockqnn_jax.strategies.random_search import RandomSearch, RandomState
-from blockqnn_jax.strategies.registry import STRATEGIES, make_strategy
-from blockqnn_jax.strategies.state import planned_iterations, restore_state, state_arrays
+from blockqnn_jax.strategies.registry import (STRATEGIES, for_settings, make_strategy,
+                                              proposal_epsilon)
+from blockqnn_jax.strategies.state import (planned_iterations, restore_saved_state, restore_state,
+                                           state_arrays)
 from blockqnn_jax.strategies.tried import (TriedSet, init_tried, key_hash, path_hash,
                                            tried_add, tried_contains)
 
 __all__ = [
     'AgingEvolution', 'EvolutionState', 'LocalSearch', 'LocalSearchState',
-    'MUTATION_ATTEMPTS', 'QLearner', 'QLearnerState', 'RandomSearch', 'RandomState',
+    'MUTATION_ATTEMPTS', 'for_settings', 'proposal_epsilon', 'restore_saved_state', 'QLearner', 'QLearnerState', 'RandomSearch', 'RandomState',
     'STRATEGIES', 'Strategy', 'Trajectories', 'TriedSet', 'fast_qlearner',
     'init_tried', 'key_hash', 'make_strategy', 'mutate', 'mutation_uniforms', 'neighbours',
     'path_hash', 'path_valid', 'planned_iterations', 'random_paths', 'restore_state',

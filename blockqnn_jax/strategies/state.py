@@ -47,3 +47,16 @@ def restore_state(strategy: Strategy, space: SearchSpace, arrays) -> Any:
 def planned_iterations(budget: int, n: int) -> int:
   """Asks of ``n`` proposals needed for ``budget`` blocks without repeats."""
   return max(1, math.ceil(budget / n))
+
+
+def restore_saved_state(strategy: Strategy, space: SearchSpace, arrays, budget: int) -> Any:
+  """``restore_state`` of what a search saved; a workdir from before strategies existed saved
+  the Q-learner as ``q`` and ``memory_<field>``, and resumes as that agent."""
+  from blockqnn_jax.strategies.qlearner import QLearner  # pylint: disable=import-outside-toplevel
+  if 'memory_states' in arrays and isinstance(strategy, QLearner):
+    fresh = state_arrays(strategy.init(space, jax.random.PRNGKey(0), budget))
+    fresh.update({'q': arrays['q'], **{
+        f'memory.{k[len("memory_"):]}': v for k, v in arrays.items()
+        if k.startswith('memory_')}})
+    arrays = fresh
+  return restore_state(strategy, space, arrays)
