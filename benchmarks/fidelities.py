@@ -4,8 +4,9 @@ Shared by ``benchmarks.fidelity`` (does the preset's reward rank blocks as a lon
 does?) and ``benchmarks.cpu_comparison`` (retraining each strategy's best block at the high
 fidelity). No flags here: both pass their own.
 
-A fidelity is ``MAX_TRAIN:EPOCHS:FEATURES`` over ``configs/cifar.py:cpu``: images read
-(0 = all; the preset's validation images are held out of them), epochs, and F.
+A fidelity is ``MAX_TRAIN:EPOCHS:FEATURES[:VALIDATION]`` over ``configs/cifar.py:cpu``:
+images read (0 = all), epochs, F, and the validation images held out of them (default: the
+preset's).
 """
 
 from __future__ import annotations
@@ -41,25 +42,30 @@ class Fidelity:
   splits: data_lib.ImageSplits
 
 
-def parse(spec: str) -> tuple[int, int, int]:
-  max_train, epochs, features = (int(x) for x in spec.split(':'))
-  return max_train, epochs, features
+def parse(spec: str) -> tuple[int, ...]:
+  """``(max_train, epochs, features)`` or ``(max_train, epochs, features, validation)``."""
+  values = tuple(int(x) for x in spec.split(':'))
+  if len(values) not in (3, 4):
+    raise ValueError(f'a fidelity is MAX_TRAIN:EPOCHS:FEATURES[:VALIDATION], got {spec!r}')
+  return values
 
 
 def settings_at(spec: str) -> SearchSettings:
   """The cpu preset's settings at fidelity ``spec``."""
-  max_train, epochs, features = parse(spec)
+  values = parse(spec)
   config = cifar.get_config('cpu')
-  config.data.max_train = max_train
-  config.train.epochs = epochs
-  config.network.features = features
+  config.data.max_train, config.train.epochs, config.network.features = values[:3]
+  if len(values) == 4:
+    config.data.validation_size = values[3]
   return SearchSettings.from_config(config)
 
 
 def preset_spec() -> str:
   """The fidelity ``configs/cifar.py:cpu`` trains its candidates at."""
   c = cifar.get_config('cpu')
-  return f'{c.data.max_train}:{c.train.epochs}:{c.network.features}'
+  spec = f'{c.data.max_train}:{c.train.epochs}:{c.network.features}'
+  # The validation size only when it is not the 1,000 every judged fidelity holds out.
+  return spec if c.data.validation_size == 1000 else f'{spec}:{int(c.data.validation_size)}'
 
 
 def judged(name: str, spec: str, npz: str) -> Fidelity:

@@ -34,6 +34,7 @@ def _fraction(x) -> bool:
   return isinstance(x, (int, float)) and 0.0 <= x <= 1.0
 
 
+@pytest.mark.slow
 def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   out = tmp_path / 'dc.json'
   # Its own process: the command line is what a GPU session runs, the check switches JAX's
@@ -144,6 +145,7 @@ def test_a_spent_deadline_skips_every_section_with_a_reason(tmp_path):
   assert json.loads((tmp_path / 'dc.json').read_text())['complete'] is True
 
 
+@pytest.mark.slow
 def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
   def broken(check, box):
     raise RuntimeError('out of device memory')

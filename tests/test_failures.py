@@ -144,6 +144,7 @@ def runs(tmp_path_factory) -> Runs:
   return Runs(root, done, before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', [n for n in CASES if n != 'verbose'])
 def test_a_bad_input_ends_in_one_line(runs, name):
   _one_line(runs.done[name], *CASES[name][1])
@@ -156,6 +157,7 @@ def test_a_bad_input_ends_in_one_line(runs, name):
     assert not [p for p in runs.root.iterdir() if p.name.startswith(f'.{name}.')]
 
 
+@pytest.mark.slow
 def test_verbose_shows_the_traceback(runs):
   done = runs.done['verbose']
   assert done.returncode == user_errors.EXIT_STATUS
@@ -163,6 +165,7 @@ def test_verbose_shows_the_traceback(runs):
   assert _ours(done.stderr)[-1].startswith('error: config: train.loop')  # the line comes last
 
 
+@pytest.mark.slow
 def test_a_refused_config_is_not_stored_and_a_busy_workdir_is_refused(runs):
   """The refused ε schedule left nothing: the corrected command runs on the same workdir,
   and a second search there meanwhile is refused at once, naming the first's pid."""
@@ -211,6 +214,7 @@ def test_a_refused_config_is_not_stored_and_a_busy_workdir_is_refused(runs):
     first.wait()
 
 
+@pytest.mark.slow
 def test_retraining_holds_its_workdir(tmp_path):
   """A retraining run is refused at once on a workdir someone else holds (here another
   thread), before it resolves its block or loads any data."""

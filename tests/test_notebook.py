@@ -6,7 +6,12 @@ from pathlib import Path
 import subprocess
 import sys
 
+import pytest
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / 'notebooks' / 'blockqnn_colab.ipynb'
+
+# Runs the whole notebook: the suite's slow part.
+pytestmark = pytest.mark.slow
 
 
 def test_notebook_runs_end_to_end(tmp_path):

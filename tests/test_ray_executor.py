@@ -20,6 +20,9 @@ from configs import cifar  # noqa: E402
 
 BLOCKS = [nsc.parse('1,1,3,0,0 2,7,0,0,0'), nsc.parse('1,1,1,0,0 2,4,0,0,0 3,5,0,1,2 4,7,0,0,0')]
 
+# Starts Ray: the suite's slow part.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def cluster():

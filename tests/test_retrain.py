@@ -141,6 +141,7 @@ def test_tensorboard_has_the_scalars(finished):
   assert lrs[0] > lrs[1] >= 0  # cosine decay after the 1-epoch warm-up
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(finished, search_dir, tmp_path):
   finished_dir, finished_summary, _ = finished
   config = _tiny_config(search_dir)
@@ -223,6 +224,7 @@ def test_block_from_report_or_database(tmp_path):
   assert final_lib.resolve_block(_settings(config)) == (nsc.Block.parse(SMALL), 'config')
 
 
+@pytest.mark.slow
 def test_a_block_with_a_kernel_outside_the_default_space_is_retrained(tmp_path):
   """A search run with ``--config.space.conv_kernels=1,3,5,7`` finds 7x7 convs; retraining
   checks structure only, so it takes the block from the store and trains it."""
@@ -243,6 +245,7 @@ def test_a_block_with_a_kernel_outside_the_default_space_is_retrained(tmp_path):
   assert saved['epoch'] == 1 and int(saved['state']['step']) == NUM_TRAIN // BATCH
 
 
+@pytest.mark.slow
 def test_the_cli_continues_an_interrupted_run(search_dir, tmp_path):
   """The entry point resumes what the library started (same config through the flags)."""
   config = _tiny_config(search_dir)

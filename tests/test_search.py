@@ -160,6 +160,7 @@ _KILLABLE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_kill_9_loses_only_candidates_in_flight(tmp_path):
   script = tmp_path / 'search_script.py'
   script.write_text(_KILLABLE)

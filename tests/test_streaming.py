@@ -93,6 +93,7 @@ def test_divergence_in_a_stream_is_a_failed_result(stream):
   assert result.failure_reason.startswith('diverged: training loss is nan in epoch 1')
 
 
+@pytest.mark.slow
 def test_executor_streams_to_each_group_and_data_parallel(stream):
   config = _config(epochs=1)
   blocks = [SMALL, nsc.parse('1,1,1,0,0 2,4,0,0,0 3,5,0,1,2 4,7,0,0,0')]
@@ -121,6 +122,7 @@ def test_imagenet_through_tfds_streams(tmp_path):
   assert 0 <= result.val_accuracy <= 1
 
 
+@pytest.mark.slow
 def test_the_imagenet_search_command_streams(stream, tmp_path):
   """configs/imagenet.py:smoke through experiments.search, on a folder of images."""
   import os
@@ -141,6 +143,7 @@ def test_the_imagenet_search_command_streams(stream, tmp_path):
   store.close()
 
 
+@pytest.mark.slow
 def test_real_jpegs_stream_from_the_cifar10_tar(shared_data):
   opened = streaming.StreamData('image_folder', path=str(shared_data / 'cifar10-jpeg-full.tar'),
                                 image_size=32, validation_size=200, max_train=400, seed=0,

@@ -138,6 +138,7 @@ def test_out_of_memory_is_a_failed_result(trainer, monkeypatch):
   assert result.status == 'failed' and result.failure_reason.startswith('out of memory')
 
 
+@pytest.mark.slow
 def test_eight_candidates_on_eight_devices(splits):
   devices = jax.local_devices()
   assert len(devices) == 8
@@ -165,6 +166,7 @@ def test_executor_answers_even_what_it_cannot_evaluate(splits):
     assert executor.submit(SMALL).result(timeout=300).ok
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_single_device(splits, trainer):
   one = trainer.evaluate(RESIDUAL)
   four = _evaluate(RESIDUAL, _config(), splits, devices=jax.local_devices()[:4])
@@ -190,6 +192,7 @@ def test_persistent_compilation_cache(trainer, tmp_path):
     candidate_lib.enable_persistent_compilation_cache(None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('augment', [False, True])
 def test_stepwise_loop_trains_what_the_scanned_program_trains(splits, augment):
   """'steps' (CPU's default) and 'scan' (GPU/TPU's): same batches, keys and updates."""
@@ -203,6 +206,7 @@ def test_stepwise_loop_trains_what_the_scanned_program_trains(splits, augment):
   assert other_seed.final_loss != steps.final_loss  # the seed does reach the steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loop', ['steps', 'scan'])
 def test_shared_programs_train_what_one_program_per_candidate_trained(splits, loop):
   """Augmentation in a program shared by all candidates and an initialisation op by op
@@ -267,6 +271,7 @@ def test_shared_programs_train_what_one_program_per_candidate_trained(splits, lo
          for e in range(s.train.epochs)]))
 
 
+@pytest.mark.slow
 def test_the_faster_compiling_defaults_train_the_same_networks_up_to_rounding(splits):
   """The flat optimiser and XLA:CPU's classic emitters change results by rounding only:
   per seed, the trained networks' losses differ far less than between seeds."""
@@ -322,6 +327,7 @@ def test_bfloat16_compute_path_runs_on_cpu(splits):
   assert 'bf16' not in programs['float32']
 
 
+@pytest.mark.slow
 def test_real_cifar10_pixels_end_to_end(shared_data):
   splits = data_lib.load_splits('npz', path=str(shared_data / 'cifar10-exact-subset.npz'),
                                 validation_size=200, max_train=1200, seed=0)
@@ -346,6 +352,7 @@ def test_a_program_compiling_is_waited_for_not_compiled_again(trainer):
   assert sorted(cached for _, cached in outcomes) == [False, True]
 
 
+@pytest.mark.slow
 def test_several_workers_share_one_device(splits):
   """executor.workers_per_device: more workers (and compile threads) than devices."""
   from blockqnn_jax import executors
