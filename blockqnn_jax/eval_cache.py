@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from blockqnn_jax import store as store_lib
 from blockqnn_jax.results import EvalResult
 
 _SCHEMA = """
@@ -116,7 +117,7 @@ def _decode(text: str) -> EvalResult:
   return EvalResult(**values)
 
 
-class EvalCache:
+class EvalCache(store_lib.LockedDatabase):
   """One shared cache file (see the module docstring); thread-safe within a process.
 
   Args:
@@ -138,16 +139,6 @@ class EvalCache:
     self._db.execute('INSERT OR IGNORE INTO fidelities VALUES (?, ?)',
                      (fidelity, json.dumps(description or {}, sort_keys=True, default=str)))
     self._origin = f'{socket.gethostname()}:{os.getpid()}'
-
-  def close(self) -> None:
-    with self._lock:
-      self._db.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
   def get(self, canonical_key: str, seed: int) -> EvalResult | None:
     """The stored result of a block trained from ``seed`` at this fidelity, if any."""

@@ -103,7 +103,25 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
   return db
 
 
-class ResultsStore:
+class LockedDatabase:
+  """A SQLite connection (``_db``) shared by threads under one lock (``_lock``), closed by
+  ``close`` or by leaving a ``with`` block: what the store and the evaluation cache share."""
+
+  _db: sqlite3.Connection
+  _lock: threading.Lock
+
+  def close(self) -> None:
+    with self._lock:
+      self._db.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class ResultsStore(LockedDatabase):
   """The SQLite store of one search (thread-safe; one connection, serialised).
 
   ``ResultsStore(workdir)`` creates or opens the store for the search;
@@ -188,16 +206,6 @@ class ResultsStore:
     for c in results.COLUMNS:
       if c.name not in have:
         self._db.execute(f'ALTER TABLE candidates ADD COLUMN {c.name} {c.sql_type}')
-
-  def close(self) -> None:
-    with self._lock:
-      self._db.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
   # -- meta ---------------------------------------------------------------------------------
 
