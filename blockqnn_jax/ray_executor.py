@@ -34,6 +34,7 @@ from typing import Any
 from blockqnn_jax import data as data_lib
 from blockqnn_jax import executor as executor_lib
 from blockqnn_jax import nsc
+from blockqnn_jax.prepare import PreparedBlock
 from blockqnn_jax.settings import SearchSettings
 
 try:
@@ -127,6 +128,9 @@ class RayExecutor(executor_lib.Executor):
                compile_cache_dir: str | None = None, worker_env: dict[str, str] | None = None,
                init_kwargs: dict[str, Any] | None = None):
     ray_ = _require_ray()
+    # What ``prepare`` needs, so the master prepares each block once for all workers.
+    self._prepare_args = (settings.network, tuple(splits.image_shape), splits.num_classes,
+                          grammar)
     if max_attempts < 1 or jobs_per_worker < 1 or num_workers < 0:
       raise ValueError('max_attempts and jobs_per_worker must be >= 1, num_workers >= 0')
     self._started_ray = False
@@ -169,7 +173,15 @@ class RayExecutor(executor_lib.Executor):
     with self._lock:
       return sum(1 for w in self._workers if w.ready)
 
-  def submit(self, block: nsc.Block, seed: int = 0) -> concurrent.futures.Future:
+  def prepare(self, block: nsc.Block) -> PreparedBlock:
+    """``block`` validated and worked out for this data: what ``submit`` takes in its place
+    (the workers' trainers use it as it is)."""
+    network, image_shape, num_classes, grammar = self._prepare_args
+    return PreparedBlock.prepare(block, network, image_shape, num_classes,
+                                 grammar or nsc.Grammar(max_index=max(2, len(block.layers))))
+
+  def submit(self, block: nsc.Block | PreparedBlock, seed: int = 0
+             ) -> concurrent.futures.Future:
     job = executor_lib.Job(block, seed)
     with self._lock:
       if self._closing:
