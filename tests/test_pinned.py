@@ -17,7 +17,7 @@ from tests.test_search import ScoringExecutor
 PINNED = {
     'paper': '9fd01e93785b89b8',
     'smoke': '643e06d6c9c7af91',
-    'cpu': 'fe60fafe3bf7f74e',
+    'cpu': 'f0ebb5507593a7e4',
 }
 
 
