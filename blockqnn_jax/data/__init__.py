@@ -12,7 +12,8 @@ One job per module:
   class-stratified validation hold-out (``stratified_holdout``) and class-balanced caps
   (``balanced_head``).
 * ``readers``: ``load_splits`` over the ``SOURCES`` (TFDS, CIFAR python batches, ``.npz``,
-  image folders or tars, scikit-learn's digits), decoding and ``resize_center_crop``.
+  image folders or tars, scikit-learn's digits).
+* ``folders``: image folders and tars: decoding, random access and ``resize_center_crop``.
 * ``stream``: ``stream_batches`` / ``stream_info`` for data too large for memory, and what a
   streamed candidate reads (``StreamData``, opened to an ``OpenStream``).
 * ``search_data``: ``load_search_data``, the data a search's settings name.
@@ -31,11 +32,11 @@ from blockqnn_jax.data.augmentation import crop_and_flip
 from blockqnn_jax.data.augmentation import normalize
 from blockqnn_jax.data.augmentation import random_crop
 from blockqnn_jax.data.augmentation import random_flip
+from blockqnn_jax.data.folders import IMAGE_SUFFIXES
+from blockqnn_jax.data.folders import resize_center_crop
 from blockqnn_jax.data.readers import CIFAR10_CLASSES
-from blockqnn_jax.data.readers import IMAGE_SUFFIXES
 from blockqnn_jax.data.readers import SOURCES
 from blockqnn_jax.data.readers import load_splits
-from blockqnn_jax.data.readers import resize_center_crop
 from blockqnn_jax.data.splits import holdout_count
 from blockqnn_jax.data.splits import DataError
 from blockqnn_jax.data.splits import ImageSplits

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from blockqnn_jax.data import folders
 from blockqnn_jax.data import readers
 from blockqnn_jax.data.splits import DataError
 from blockqnn_jax.data.splits import holdout_count
@@ -39,7 +40,7 @@ def _stream_reader(source: str, name: str, split: str, path: str | None,
   if path is None:
     raise DataError("stream_batches: source 'image_folder' needs path= "
                     f"({readers.PATH_HELP['image_folder']})")
-  return readers.folder_random_access(Path(path), split)
+  return folders.folder_random_access(Path(path), split)
 
 
 def stream_info(source: str = 'tfds', *, name: str = '', split: str = 'train',
@@ -135,7 +136,7 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
           decode_threads, thread_name_prefix='decode') as pool:
         def one(i):
           image, label = read(int(i))
-          return readers.resize_center_crop(image, image_size), label
+          return folders.resize_center_crop(image, image_size), label
         for ids in epochs():
           pairs = list(pool.map(one, ids))
           images = np.stack([im for im, _ in pairs])
