@@ -73,6 +73,7 @@ def test_validation_is_held_out_of_the_training_split(stream, tmp_path):
     streaming.StreamData('image_folder', path=str(tmp_path / 'missing')).open()
 
 
+@pytest.mark.slow
 def test_a_block_trains_on_streamed_batches(stream):
   config = _config()
   result = _trainer(stream, config).evaluate(SMALL, seed=0)
@@ -107,6 +108,7 @@ def test_executor_streams_to_each_group_and_data_parallel(stream):
   np.testing.assert_allclose(two.final_loss, one.final_loss, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_imagenet_through_tfds_streams(tmp_path):
   """The real TFDS code path for ImageNet, on TFDS's mock data."""
   tfds = pytest.importorskip('tensorflow_datasets')

@@ -308,6 +308,7 @@ def test_a_candidate_optimiser_state_starts_at_zero(trainer, weight_decay, flat)
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_path_runs_on_cpu(splits):
   """The GPU/TPU precision (bf16 activations, fp32 parameters), exercised here on CPU: the
   candidate's compiled steps carry bf16 activations (the fp32 ones none), and it trains."""
