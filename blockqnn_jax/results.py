@@ -234,3 +234,35 @@ def describe_failure(error: BaseException) -> str:
   where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
   place = f' (at {where.filename.rsplit("/", 1)[-1]}:{where.lineno})' if where else ''
   return f'error: {type(error).__name__}: {text[:300]}{place}'
+
+
+class SearchFailed(RuntimeError):
+  """Candidates keep failing for a reason that is not about the blocks (the data, the
+  devices, the settings): stopping says so instead of teaching the agent reward 0."""
+
+
+class FailureWatch:
+  """Counts trained candidates that failed in a row; ``check`` raises ``SearchFailed`` once
+  the last ``limit`` failed for one kind of reason. A run of identical failures is the
+  signature of the settings, the data or the devices, not of the blocks (invalid blocks,
+  the one kind that is only about a block, do not count)."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.reasons: list[str] = []
+
+  def see(self, result: EvalResult) -> None:
+    if result.ok:
+      self.reasons = []
+    elif not result.failure_reason.startswith('invalid block'):
+      self.reasons.append(result.failure_reason)
+
+  def check(self) -> None:
+    if not self.limit or len(self.reasons) < self.limit:
+      return
+    recent = self.reasons[-self.limit:]
+    kinds = {failure_kind(r) for r in recent}
+    if len(kinds) == 1:
+      raise SearchFailed(
+          f'the last {len(recent)} candidates trained all failed ({kinds.pop()}): that is the '
+          f'settings, the data or the devices, not the blocks. The last said: {recent[-1]}')

@@ -35,8 +35,10 @@ from blockqnn_jax import study as study_lib
 from blockqnn_jax.results import EvalResult
 from blockqnn_jax.settings import SearchSettings
 # The search's core lives in ``study``; these names are part of this module's interface.
-from blockqnn_jax.study import (RESUMABLE_CHANGES, ConfigMismatch, SearchFailed,
-                                candidate_seed, check_config, stored_settings)
+from blockqnn_jax.results import SearchFailed
+from blockqnn_jax.stored_config import (RESUMABLE_CHANGES, ConfigMismatch, check_config,
+                                        stored_settings)
+from blockqnn_jax.study import candidate_seed
 
 __all__ = ['ConfigMismatch', 'RESUMABLE_CHANGES', 'SearchFailed', 'SearchSummary',
            'candidate_seed', 'check_config', 'open_eval_cache', 'run_search',

@@ -45,34 +45,24 @@ from blockqnn_jax import canonical
 from blockqnn_jax import eval_cache as eval_cache_lib
 from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
-from blockqnn_jax import results
-from blockqnn_jax import settings as settings_lib
 from blockqnn_jax import space as space_lib
 from blockqnn_jax import store as store_lib
 from blockqnn_jax import strategies
 from blockqnn_jax import workdir_lock
 from blockqnn_jax.prepare import PreparedBlock
 from blockqnn_jax.results import EvalResult
+from blockqnn_jax.results import FailureWatch
+from blockqnn_jax.stored_config import check_config
 from blockqnn_jax.settings import SearchSettings
 
-# Fields that may change between a run and its resumption: they decide how, not what.
-RESUMABLE_CHANGES = ('executor.', 'search.stop_after_failures')
 # fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).
 _INIT_STREAM = 2**31 - 1
 # What ``Study.tell`` takes as metrics: the result's measured fields (not its identity).
 METRICS = ('val_accuracy', 'final_loss', 'flops', 'density', 'params', 'compile_s',
            'train_s', 'eval_s', 'total_s', 'images_per_s', 'device')
 
-ConfigMismatch = settings_lib.ConfigMismatch
-
-
 class StudyError(ValueError):
   """A trial told wrongly: unknown, told twice, or with a reward that is not a number."""
-
-
-class SearchFailed(RuntimeError):
-  """Candidates keep failing for a reason that is not about the blocks (the data, the
-  devices, the settings): stopping says so instead of teaching the agent reward 0."""
 
 
 def candidate_seed(seed: int, canonical_key: str) -> int:
@@ -80,58 +70,6 @@ def candidate_seed(seed: int, canonical_key: str) -> int:
   resume) trains exactly as it would have."""
   digest = hashlib.sha256(f'{seed}:{canonical_key}'.encode()).digest()
   return int.from_bytes(digest[:4], 'little') >> 1
-
-
-def stored_settings(store: store_lib.ResultsStore) -> SearchSettings | None:
-  """The settings a workdir's search was started with (None for a new workdir). A field
-  added since then reads as its default, so an older workdir resumes as it ran."""
-  old = store.get_meta('config')
-  return None if old is None else SearchSettings.from_config(old)
-
-
-def check_config(store: store_lib.ResultsStore, settings: SearchSettings,
-                 allow_change: bool) -> None:
-  """Stores ``settings`` in a new workdir; refuses a different search on an existing one
-  (``ConfigMismatch`` naming the fields) unless ``allow_change``."""
-  old = stored_settings(store)
-  if old is not None:
-    changed = settings_lib.differences(old, settings, ignore=RESUMABLE_CHANGES)
-    space_changed = [k for k in changed if k.startswith('space.')]
-    if space_changed and store.load_agent() is not None:
-      raise ConfigMismatch(
-          f'{store.path} holds an agent over another search space ({", ".join(space_changed)}'
-          '): its Q values and sampled blocks cannot follow a changed space, even with '
-          '--allow_config_change; use a new --workdir')
-    settings_lib.refuse_changes(store.path, old.to_dict(), settings.to_dict(),
-                                ignore=RESUMABLE_CHANGES, allow_change=allow_change)
-  store.set_meta('config', settings.to_json())
-
-
-class FailureWatch:
-  """Counts trained candidates that failed in a row; ``check`` raises ``SearchFailed`` once
-  the last ``limit`` failed for one kind of reason. A run of identical failures is the
-  signature of the settings, the data or the devices, not of the blocks (invalid blocks,
-  the one kind that is only about a block, do not count)."""
-
-  def __init__(self, limit: int):
-    self.limit = limit
-    self.reasons: list[str] = []
-
-  def see(self, result: EvalResult) -> None:
-    if result.ok:
-      self.reasons = []
-    elif not result.failure_reason.startswith('invalid block'):
-      self.reasons.append(result.failure_reason)
-
-  def check(self) -> None:
-    if not self.limit or len(self.reasons) < self.limit:
-      return
-    recent = self.reasons[-self.limit:]
-    kinds = {results.failure_kind(r) for r in recent}
-    if len(kinds) == 1:
-      raise SearchFailed(
-          f'the last {len(recent)} candidates trained all failed ({kinds.pop()}): that is the '
-          f'settings, the data or the devices, not the blocks. The last said: {recent[-1]}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
     'blockqnn_jax.store.StoreError': ('workdir', 'move it away or use another --workdir'),
     'blockqnn_jax.workdir_lock.WorkdirBusy': ('workdir busy', ''),
     'blockqnn_jax.settings.base.ConfigMismatch': ('config', ''),
-    'blockqnn_jax.study.SearchFailed': (
+    'blockqnn_jax.results.SearchFailed': (
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
     'blockqnn_jax.training.final.block_choice.BlockNotFound': ('no block to retrain', ''),
