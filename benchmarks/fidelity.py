@@ -211,10 +211,10 @@ def _print(summaries, report) -> None:
   h = report['high']
   print(f'\nhigh fidelity {h["spec"]} on {h["train_images"]} images of {h["data"]}, scored '
         f'on {h["test_images"]} test images ({h["seconds_per_candidate"]:.0f} s per block)')
-  print(f'{"fidelity":>10} {"spec":>10} {"s/cand":>7} {"seed σ":>7} {"blocks σ":>8} '
+  print(f'{"fidelity":>10} {"spec":>10} {"blocks":>6} {"s/cand":>7} {"seed σ":>7} {"blocks σ":>8} '
         f'{"S/N":>5} {"τ":>6} {"ρ":>6} {"τ 2-seed":>8} {"τ acc":>6} {"top5⊂top10":>10}')
   for s in summaries:
-    print(f'{s["name"]:>10} {s["spec"]:>10} {s["seconds_per_candidate"]:>7.1f} '
+    print(f'{s["name"]:>10} {s["spec"]:>10} {s["blocks"]:>6} {s["seconds_per_candidate"]:>7.1f} '
           f'{s["seed_noise"]:>7.4f} {s["spread_over_blocks"]:>8.4f} '
           f'{s["signal_to_noise"]:>5.1f} {s["kendall_tau"]:>6.3f} {s["spearman_rho"]:>6.3f} '
           f'{s["two_seed_mean"]["kendall_tau"]:>8.3f} {s["accuracy"]["kendall_tau"]:>6.3f} '
