@@ -312,8 +312,11 @@ class ResultsStore(LockedDatabase):
 
 
 def _npz_bytes(arrays: dict[str, Any]) -> bytes:
+  # Compressed: an agent's replay memory and tried set are sized to their capacity and mostly
+  # empty (a fast agent's iteration at the cpu preset: 675 KB stored, 5 KB compressed).
+  # np.load reads both, so stores written before compression still resume.
   buffer = io.BytesIO()
-  np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+  np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
   return buffer.getvalue()
 
 
