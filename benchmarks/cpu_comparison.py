@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import sqlite3
 import subprocess
 import sys
 import time
@@ -111,6 +112,24 @@ def run_searches(runs: list[tuple[str, str]]) -> None:
           print(f'  see {log.name}', flush=True)
 
 
+def compact(workdirs) -> None:
+  """Shrinks the stores to what they hold (``ResultsStore.compact``), each under its
+  workdir's lock, so they stay small enough for the repository; one a search holds is left."""
+  from blockqnn_jax import store as store_lib  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax import workdir_lock  # pylint: disable=import-outside-toplevel
+  for w in workdirs:
+    try:
+      with workdir_lock.WorkdirLock(w, purpose='compaction'), store_lib.ResultsStore(w) as store:
+        saved = store.compact()
+    except workdir_lock.WorkdirBusy:
+      continue
+    if saved > 1 << 20:
+      print(f'{w.name}: store compacted by {saved / 2**20:.1f} MiB', flush=True)
+  if Path(_CACHE.value).is_file():  # the shared cache's log folded into its file
+    with sqlite3.connect(_CACHE.value) as db:
+      db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+
+
 def retrain_best(curves) -> list[str]:
   """Each strategy's best block (over its seeds, at the common budget) at the high
   fidelity, 3 seeds; the markdown lines of the table."""
@@ -152,6 +171,7 @@ def main(argv):
   if not _REPORT_ONLY.value:
     run_searches(runs)
   done = [workdir(s, seed) for s, seed in runs if (workdir(s, seed) / 'search.sqlite').is_file()]
+  compact(done)
   png, md = compare.compare_searches(done, root)
   text = md.read_text()
   if _RETRAIN.value and done:

@@ -310,6 +310,23 @@ class ResultsStore(LockedDatabase):
       return None
     return row[0], _npz_arrays(row[1])
 
+  def compact(self) -> int:
+    """Re-encodes the saved agent states compressed (stores written before they were) and
+    gives the freed pages back to the file system; returns the bytes saved. Run it where no
+    search writes (hold the workdir's lock); what the store holds is unchanged."""
+    before = self.path.stat().st_size
+    with self._lock:
+      with self._db:
+        for table, key in (('sampled', 'iteration'), ('agent_state', 'id')):
+          rows = self._db.execute(f'SELECT {key}, arrays FROM {table}').fetchall()
+          for k, blob in rows:
+            packed = _npz_bytes(_npz_arrays(blob))
+            if len(packed) < len(blob):
+              self._db.execute(f'UPDATE {table} SET arrays = ? WHERE {key} = ?', (packed, k))
+      self._db.execute('VACUUM')
+      self._db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    return before - self.path.stat().st_size
+
 
 def _npz_bytes(arrays: dict[str, Any]) -> bytes:
   # Compressed: an agent's replay memory and tried set are sized to their capacity and mostly

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -443,6 +444,31 @@ def test_the_agent_state_is_stored_compressed_and_read_back_exactly(tmp_path):
       assert got[k].dtype == v.dtype
   raw = memory.nbytes + arrays['state.q'].nbytes
   assert (tmp_path / 'search.sqlite').stat().st_size < raw / 4
+
+
+def test_compact_shrinks_a_store_written_uncompressed_and_keeps_what_it_holds(tmp_path):
+  memory = np.zeros((16384, 6), np.int32)
+  memory[:3] = 7
+  arrays = {'state.memory.states': memory, 'states': np.arange(12, dtype=np.int32)}
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)  # how stores were written before compression
+  with store_lib.ResultsStore(tmp_path) as store:
+    store.record(0, 0, 1.0, EvalResult(block='1,1,3,0,0 2,7,0,0,0', canonical_key='k',
+                                       status='ok', val_accuracy=0.5, reward=0.5),
+                 cached=False)
+    for i in range(5):
+      store._db.execute('INSERT INTO sampled VALUES (?, ?)', (i, buffer.getvalue()))
+    store._db.execute('INSERT INTO agent_state VALUES (0, 5, ?, 0.0)', (buffer.getvalue(),))
+    store._db.commit()
+  with store_lib.ResultsStore(tmp_path) as store:
+    before = store.path.stat().st_size
+    saved = store.compact()
+    assert saved > 0.8 * 6 * memory.nbytes and store.path.stat().st_size < before / 5
+    assert [c.reward for c in store.candidates()] == [0.5]
+    for got in [store.load_sampled(i) for i in range(5)] + [store.load_agent()[1]]:
+      for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v)
+    assert store.load_agent()[0] == 5
 
 
 def test_a_search_stops_at_its_budget_of_distinct_candidates_and_stays_stopped(tmp_path):
