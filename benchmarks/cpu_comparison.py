@@ -78,11 +78,20 @@ def workdir(strategy: str, seed: str) -> Path:
   return Path(_ROOT.value) / f'{strategy}_seed{seed}'
 
 
+def _portable(path: str) -> str:
+  """``path`` relative to the working directory when it lies below it: the stores are
+  committed, and the config they keep must not name one machine's folders."""
+  resolved = Path(path).resolve()
+  return str(resolved.relative_to(Path.cwd().resolve())) if resolved.is_relative_to(
+      Path.cwd().resolve()) else path
+
+
 def _command(strategy: str, seed: str) -> list[str]:
   overrides = (*OVERRIDES[strategy], *_OVERRIDES.value)
   return [sys.executable, '-m', 'experiments.search', f'--config={_CONFIG.value}',
           f'--workdir={workdir(strategy, seed)}', f'--config.seed={seed}',
-          f'--config.data.path={_DATA.value}', f'--config.search.eval_cache={_CACHE.value}',
+          f'--config.data.path={_portable(_DATA.value)}',
+          f'--config.search.eval_cache={_portable(_CACHE.value)}',
           '--noprogress', *(f'--config.{o}' for o in overrides)]
 
 
