@@ -313,9 +313,12 @@ class ResultsStore(LockedDatabase):
   def compact(self) -> int:
     """Re-encodes the saved agent states compressed (stores written before they were) and
     gives the freed pages back to the file system; returns the bytes saved. Run it where no
-    search writes (hold the workdir's lock); what the store holds is unchanged."""
+    search writes (hold the workdir's lock); what the store holds is unchanged. A store
+    that is already compact is left byte for byte as it was (a committed store stays clean).
+    """
     before = self.path.stat().st_size
     with self._lock:
+      repacked = 0
       with self._db:
         for table, key in (('sampled', 'iteration'), ('agent_state', 'id')):
           rows = self._db.execute(f'SELECT {key}, arrays FROM {table}').fetchall()
@@ -323,8 +326,12 @@ class ResultsStore(LockedDatabase):
             packed = _npz_bytes(_npz_arrays(blob))
             if len(packed) < len(blob):
               self._db.execute(f'UPDATE {table} SET arrays = ? WHERE {key} = ?', (packed, k))
-      self._db.execute('VACUUM')
+              repacked += 1
       self._db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+      free_pages = self._db.execute('PRAGMA freelist_count').fetchone()[0]
+      if repacked or free_pages:
+        self._db.execute('VACUUM')
+        self._db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
     return before - self.path.stat().st_size
 
 

@@ -469,6 +469,10 @@ def test_compact_shrinks_a_store_written_uncompressed_and_keeps_what_it_holds(tm
       for k, v in arrays.items():
         np.testing.assert_array_equal(got[k], v)
     assert store.load_agent()[0] == 5
+  compacted = (tmp_path / 'search.sqlite').read_bytes()
+  with store_lib.ResultsStore(tmp_path) as store:
+    assert store.compact() == 0
+  assert (tmp_path / 'search.sqlite').read_bytes() == compacted  # no churn in git
 
 
 def test_a_search_stops_at_its_budget_of_distinct_candidates_and_stays_stopped(tmp_path):
