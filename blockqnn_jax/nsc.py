@@ -157,19 +157,20 @@ class Layer:
   pred2: int = 0
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
+    for name in _FIELD_NAMES:  # not dataclasses.fields: layers are made by the million
+      value = getattr(self, name)
+      if type(value) is int:  # pylint: disable=unidiomatic-typecheck  # the common case
+        continue
       if isinstance(value, bool):
-        raise NSCError(f'{field.name} must be an integer, got {value!r}', rule='integer')
+        raise NSCError(f'{name} must be an integer, got {value!r}', rule='integer')
       if not isinstance(value, int):
         try:
           as_int = int(value)
         except (TypeError, ValueError, OverflowError):
-          raise NSCError(f'{field.name} must be an integer, got {value!r}',
-                         rule='integer') from None
+          raise NSCError(f'{name} must be an integer, got {value!r}', rule='integer') from None
         if as_int != value:
-          raise NSCError(f'{field.name} must be an integer, got {value!r}', rule='integer')
-        object.__setattr__(self, field.name, as_int)
+          raise NSCError(f'{name} must be an integer, got {value!r}', rule='integer')
+        object.__setattr__(self, name, as_int)
 
   @property
   def layer_type(self) -> LayerType:
