@@ -17,9 +17,25 @@ of the fast preset per ingredient it changes back.
       --json=/tmp/nb201.json                       # 100 seeds, budgets 50,100,150,300
   python -m benchmarks.nb201 --seeds=10 --datasets=cifar10 --ablations=all
 
-Writes ``{"results": {strategy: {dataset: {"<budget>": {"mean", "std"}}}}, ...}`` to
-``--json`` and the best-so-far plot to ``--plot`` (default: beside the JSON). Exits 0 with a
-message when the table is absent.
+A noisy reward (``--noise=K``): each training of a cell observes its table accuracy plus
+Gaussian noise of σ = K × the standard deviation of the table's best 10% of cells, drawn per
+(seed, cell, evaluation); a repeat of a cell already trained is free and returns its mean
+observation, a re-evaluation (the ``Confirm`` rule's) draws anew and costs one training. Two
+regrets are then reported for every strategy and budget: of the best TRUE accuracy among the
+cells trained (what papers report), and of the **kept** cell (the one the search hands its
+user: the best observed, or the rule's incumbent). Budgets count trainings. K = 0 gives the
+noise-free figures exactly.
+
+Each strategy runs with its default rule: the fast agent confirms (``search.confirm``'s
+``FAST_CONFIRM`` evaluations), every other strategy keeps its best single observation; a
+name ending in ``+confirm`` or ``-confirm`` turns the rule on or off for it
+(``--strategies=qlearning_fast-confirm,local_search+confirm``).
+
+  python -m benchmarks.nb201 --noise=1 --budgets=100 --json=results/nb201_noise1.json
+
+Writes ``{"results": {strategy: {dataset: {"<budget>": {"mean", "std", "kept_mean",
+"kept_std"}}}}, ...}`` to ``--json`` and the best-so-far plot to ``--plot`` (default: beside
+the JSON). Exits 0 with a message when the table is absent.
 """
 
 from __future__ import annotations
@@ -37,6 +53,8 @@ from blockqnn_jax import baselines as bl
 from blockqnn_jax import nb201
 from blockqnn_jax import strategies as st
 from blockqnn_jax.settings import AgentSettings
+from blockqnn_jax.settings import FAST_CONFIRM
+from blockqnn_jax import confirm as cf
 
 _TABLE_NAME = 'nb201-tss-200ep-test-acc.csv'
 STRATEGY_NAMES = ('qlearning_paper', 'qlearning_fast', 'random', 'evolution', 'local_search',
@@ -65,6 +83,8 @@ _ABLATIONS = flags.DEFINE_list('ablations', [], 'Variants of qlearning_fast, eac
 _MAX_ITERATIONS = flags.DEFINE_integer(
     'max_iterations_factor', 10, 'Cap on asks, as a multiple of ceil(budget / batch): a '
     'search whose proposals keep repeating known cells stops there (and says so).')
+_NOISE = flags.DEFINE_float('noise', 0.0, 'K: noise σ = K × the std of the table\'s best 10% '
+                            'of cells (0: the table itself).')
 _POPULATION = flags.DEFINE_integer('population', 10, 'Evolution: population P.')
 _SAMPLE = flags.DEFINE_integer('sample', 3, 'Evolution: tournament size S.')
 
@@ -108,49 +128,73 @@ def make(name: str, top: int, batch: int) -> tuple[st.Strategy, bool]:
   return st.make_strategy(name), False
 
 
+def confirm_rule(name: str) -> tuple[str, cf.Confirm]:
+  """A benchmarked name's strategy and rule: the fast agent confirms, the others do not;
+  ``+confirm`` / ``-confirm`` at the end turns the rule on / off."""
+  for suffix, on in (('+confirm', True), ('-confirm', False)):
+    if name.endswith(suffix):
+      return name[:-len(suffix)], cf.Confirm(FAST_CONFIRM) if on else cf.OFF
+  return name, cf.Confirm(FAST_CONFIRM) if name.startswith('qlearning_fast') else cf.OFF
+
+
 def run_strategy(name: str, tables: np.ndarray, budgets: list[int], seeds: int):
-  """``(traces, note)``: ``(datasets, budgets, seeds, max budget)`` best-so-far traces."""
+  """``(traces, kept, note)``: ``(datasets, budgets, seeds, max budget)`` traces of the best
+  true accuracy trained and of the kept cell's."""
   top = max(budgets)
-  if name == 'tpe':
+  base, rule = confirm_rule(name)
+  sigmas = bl.noise_sigmas(tables, _NOISE.value)
+  if base == 'tpe':
+    if rule.active:
+      raise app.UsageError('tpe runs without the confirm rule')
     count = _TPE_SEEDS.value or seeds
     seeds = range(_FIRST_SEED.value, _FIRST_SEED.value + count)
-    traces = np.stack([np.stack([bl.tpe_search(acc, top, seed) for seed in seeds])
-                       for acc in tables])
-    return np.repeat(traces[:, None], len(budgets), axis=1), f'{count} seeds'
-  batch = _PAPER_BATCH.value if name == 'qlearning_paper' else _BATCH.value
-  strategy, sized = make(name, top, batch)
+    both = np.stack([np.stack([np.stack(bl.tpe_search(acc, top, seed, sigma=float(sigma)))
+                               for seed in seeds]) for acc, sigma in zip(tables, sigmas)])
+    both = np.repeat(both[:, None], len(budgets), axis=1)
+    return both[..., 0, :], both[..., 1, :], f'{count} seeds'
+  batch = _PAPER_BATCH.value if base == 'qlearning_paper' else _BATCH.value
+  strategy, sized = make(base, top, batch)
   result = bl.search_batch(strategy, tables, budgets if sized else [top],
                            range(_FIRST_SEED.value, _FIRST_SEED.value + seeds), batch,
-                           max_iterations_factor=_MAX_ITERATIONS.value)
-  traces = result.traces if sized else np.repeat(result.traces, len(budgets), axis=1)
+                           max_iterations_factor=_MAX_ITERATIONS.value, noise=_NOISE.value,
+                           confirm=rule)
+  traces, kept = result.traces, result.kept
+  if not sized:
+    traces, kept = (np.repeat(t, len(budgets), axis=1) for t in (traces, kept))
   short = result.queries < (np.asarray(budgets)[None, :, None] if sized else top)
   note = f'batch {batch}'
+  if rule.active:
+    note += f', confirm up to {rule.max_evaluations} evaluations'
   if short.any():
     note += f'; {int(short.sum())} searches hit the iteration cap before their budget'
-  return traces, note
+  return traces, kept, note
 
 
-def summarise(traces: np.ndarray, datasets: list[str], budgets: list[int]):
-  """``{dataset: {"<budget>": {"mean", "std"}}}`` and the per-budget best arrays."""
+def summarise(traces: np.ndarray, kept: np.ndarray, datasets: list[str], budgets: list[int]):
+  """``{dataset: {"<budget>": {"mean", "std", "kept_mean", "kept_std"}}}``: the best true
+  accuracy trained and the kept cell's, over seeds."""
   out = {}
   for d, dataset in enumerate(datasets):
     out[dataset] = {}
     for b, budget in enumerate(budgets):
-      best = traces[d, b, :, budget - 1]
-      out[dataset][str(budget)] = {'mean': float(best.mean()), 'std': float(best.std())}
+      best, keep = traces[d, b, :, budget - 1], kept[d, b, :, budget - 1]
+      out[dataset][str(budget)] = {'mean': float(best.mean()), 'std': float(best.std()),
+                                   'kept_mean': float(keep.mean()),
+                                   'kept_std': float(keep.std())}
   return out
 
 
-def print_table(dataset: str, optimum: float, results, budgets: list[int]) -> None:
-  print(f'\n{dataset}: best test accuracy found (mean ± std over seeds), regret to the '
-        f'optimum {optimum:.2f} in brackets')
-  print(f'{"strategy":<34}' + ''.join(f'{f"budget {b}":>23}' for b in budgets))
+def print_table(dataset: str, optimum: float, results, budgets: list[int], seeds: int) -> None:
+  print(f'\n{dataset} (optimum {optimum:.2f}): regret of the best cell trained / of the '
+        f'kept cell (mean over seeds, ± its standard error)')
+  print(f'{"strategy":<34}' + ''.join(f'{f"budget {b}":>26}' for b in budgets))
   for name, by_dataset in results.items():
     cells = []
     for b in budgets:
       v = by_dataset[dataset][str(b)]
-      cells.append(f'{v["mean"]:6.2f} ± {v["std"]:4.2f} ({optimum - v["mean"]:4.2f})')
-    print(f'{name:<34}' + ''.join(f'{c:>23}' for c in cells))
+      cells.append(f'{optimum - v["mean"]:5.2f} / {optimum - v["kept_mean"]:5.2f} '
+                   f'± {v["kept_std"] / np.sqrt(seeds):4.2f}')
+    print(f'{name:<34}' + ''.join(f'{c:>26}' for c in cells))
 
 
 def plot(path: str, curves, optima, datasets: list[str], results, budgets: list[int]) -> None:
@@ -190,7 +234,7 @@ def main(argv):
   datasets = list(_DATASETS.value)
   budgets = sorted(int(b) for b in _BUDGETS.value)
   names = [n for n in _STRATEGIES.value]
-  unknown = set(names) - set(STRATEGY_NAMES)
+  unknown = {confirm_rule(n)[0] for n in names} - set(STRATEGY_NAMES)
   if unknown:
     raise app.UsageError(f'unknown strategies {sorted(unknown)}; known: {STRATEGY_NAMES}')
   ablations = list(ABLATIONS) if _ABLATIONS.value == ['all'] else list(_ABLATIONS.value)
@@ -198,23 +242,26 @@ def main(argv):
     raise app.UsageError(f'unknown ablations {sorted(set(ablations) - set(ABLATIONS))}; '
                          f'known: {list(ABLATIONS)}')
   names += [f'qlearning_fast/{a}' for a in ablations]
+  if _NOISE.value < 0:
+    raise app.UsageError(f'--noise must be >= 0, got {_NOISE.value}')
   if 'tpe' in names and not bl.tpe_available():
     print('tpe: skipped, Optuna is not installed (pip install -e .[bench]).')
     names.remove('tpe')
   tables = np.stack([table.by_code(d) for d in datasets])
   print(f'seeds={_SEEDS.value} (from {_FIRST_SEED.value}) budgets={budgets} '
-        f'datasets={datasets}')
+        f'datasets={datasets} noise={_NOISE.value} '
+        f'(σ {", ".join(f"{s:.3f}" for s in bl.noise_sigmas(tables, _NOISE.value))})')
   results, curves, runtimes = {}, {}, {}
   for name in names:
     t0 = time.perf_counter()
-    traces, note = run_strategy(name, tables, budgets, _SEEDS.value)
+    traces, kept, note = run_strategy(name, tables, budgets, _SEEDS.value)
     runtimes[name] = time.perf_counter() - t0
     print(f'{name}: {runtimes[name]:.1f} s ({note})', flush=True)
-    results[name] = summarise(traces, datasets, budgets)
+    results[name] = summarise(traces, kept, datasets, budgets)
     curves[name] = traces
   optima = {d: table.optimum(d) for d in datasets}
   for dataset in datasets:
-    print_table(dataset, optima[dataset], results, budgets)
+    print_table(dataset, optima[dataset], results, budgets, _SEEDS.value)
   total = time.perf_counter() - start
   print(f'\ntotal {total:.1f} s')
   if _JSON.value:
@@ -222,7 +269,9 @@ def main(argv):
         'results': results, 'optima': optima, 'seeds': _SEEDS.value,
         'first_seed': _FIRST_SEED.value,
         'tpe_seeds': _TPE_SEEDS.value or _SEEDS.value, 'batch': _BATCH.value,
-        'paper_batch': _PAPER_BATCH.value, 'runtime_s': {**runtimes, 'total': total},
+        'paper_batch': _PAPER_BATCH.value, 'noise': _NOISE.value,
+        'sigma': dict(zip(datasets, bl.noise_sigmas(tables, _NOISE.value).tolist())),
+        'runtime_s': {**runtimes, 'total': total},
     }, indent=1))
     print(f'results written to {_JSON.value}')
   plot_path = _PLOT.value or (str(Path(_JSON.value).with_suffix('.png')) if _JSON.value

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from blockqnn_jax import store as store_lib
+from blockqnn_jax import results
 from blockqnn_jax.results import EvalResult
 
 _SCHEMA = """
@@ -104,19 +105,6 @@ def fidelity_of(train: Any, network: Any, reward: Any, data: str | Any
   return hashlib.sha256(text.encode()).hexdigest()[:20], description
 
 
-def _encode(result: EvalResult) -> str:
-  values = dataclasses.asdict(result)
-  return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                     for k, v in values.items()})
-
-
-def _decode(text: str) -> EvalResult:
-  values = json.loads(text)
-  defaults = {f.name: f.default for f in dataclasses.fields(EvalResult)}
-  values = {k: (defaults[k] if v is None else v) for k, v in values.items() if k in defaults}
-  return EvalResult(**values)
-
-
 class EvalCache(store_lib.LockedDatabase):
   """One shared cache file (see the module docstring); thread-safe within a process.
 
@@ -146,7 +134,7 @@ class EvalCache(store_lib.LockedDatabase):
       row = self._db.execute(
           'SELECT result FROM results WHERE canonical_key = ? AND fidelity = ? AND seed = ?',
           (canonical_key, self.fidelity, seed)).fetchone()
-    return None if row is None else _decode(row[0])
+    return None if row is None else results.decode_result(row[0])
 
   def put(self, canonical_key: str, seed: int, result: EvalResult
           ) -> tuple[EvalResult, bool]:
@@ -158,13 +146,13 @@ class EvalCache(store_lib.LockedDatabase):
     with self._lock:
       cursor = self._db.execute(
           'INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)',
-          (canonical_key, self.fidelity, seed, _encode(result), time.time(), self._origin))
+          (canonical_key, self.fidelity, seed, results.encode_result(result), time.time(), self._origin))
       if cursor.rowcount == 1:
         return result, False
       row = self._db.execute(
           'SELECT result FROM results WHERE canonical_key = ? AND fidelity = ? AND seed = ?',
           (canonical_key, self.fidelity, seed)).fetchone()
-    return _decode(row[0]), True
+    return results.decode_result(row[0]), True
 
   def count(self, all_fidelities: bool = False) -> int:
     with self._lock:

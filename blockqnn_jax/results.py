@@ -14,6 +14,7 @@ No JAX here: the store, the report and retraining read candidates without import
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import traceback
 from typing import Any, Mapping
@@ -99,6 +100,23 @@ class EvalResult:
              **fields) -> 'EvalResult':
     return cls(block=block, canonical_key=canonical_key, status='failed',
                failure_reason=reason, device=device, **fields)
+
+
+def encode_result(result: EvalResult) -> str:
+  """A result as JSON text (non-finite numbers as null): how the store's evaluations and the
+  shared evaluation cache keep one."""
+  values = dataclasses.asdict(result)
+  return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for k, v in values.items()})
+
+
+def decode_result(text: str) -> EvalResult:
+  """Inverse of ``encode_result``; fields it does not know are dropped, missing ones take
+  their defaults (text written by another version still reads)."""
+  values = json.loads(text)
+  defaults = {f.name: f.default for f in dataclasses.fields(EvalResult)}
+  values = {k: (defaults[k] if v is None else v) for k, v in values.items() if k in defaults}
+  return EvalResult(**values)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from blockqnn_jax import baselines as bl
+from blockqnn_jax import confirm as cf
 from blockqnn_jax import nb201
 from blockqnn_jax import qlearning as ql
 from blockqnn_jax import strategies as st
@@ -230,9 +231,53 @@ def test_qlearner_finds_planted_optimum(table):
 def test_tpe_when_optuna_is_installed(table):
   if not bl.tpe_available():
     pytest.skip('optuna is not installed (the bench extra)')
-  trace = bl.tpe_search(table.by_code('cifar10'), 30, seed=0)
+  trace, kept = bl.tpe_search(table.by_code('cifar10'), 30, seed=0)
   assert trace.shape == (30,) and (np.diff(trace) >= 0).all()
   assert trace[-1] > trace[0]
+  np.testing.assert_array_equal(kept, trace)  # no noise: the best observed is the best
+  noisy, kept = bl.tpe_search(table.by_code('cifar10'), 30, seed=0, sigma=5.0)
+  assert (kept <= noisy).all()
+
+
+# -- a noisy reward and the confirm rule ---------------------------------------------------
+
+def test_noise_sigma_is_k_times_the_spread_of_the_top_tenth():
+  table = np.arange(100, dtype=np.float64)[None]  # the best 10: 90..99, std sqrt(8.25)
+  np.testing.assert_allclose(bl.noise_sigmas(table, 2.0), [2 * np.sqrt(8.25)], rtol=1e-6)
+  assert bl.noise_sigmas(table, 0.0)[0] == 0
+
+
+def test_without_noise_the_kept_cell_is_the_best_trained(table):
+  result = bl.search_batch(st.LocalSearch(), table.by_code('cifar10'), 40, range(6))
+  np.testing.assert_array_equal(result.kept, result.traces)
+
+
+def test_noise_changes_what_is_kept_not_what_a_blind_search_trains(table):
+  acc = table.by_code('cifar10')
+  clean = bl.search_batch(st.RandomSearch(), acc, 60, range(8))
+  noisy = bl.search_batch(st.RandomSearch(), acc, 60, range(8), noise=3.0)
+  # Random search ignores rewards: the same cells, the same best true accuracy...
+  np.testing.assert_array_equal(clean.traces, noisy.traces)
+  # ...but the cell it keeps is the best observed, which is never better than the best.
+  assert (noisy.kept <= noisy.traces).all() and (noisy.kept < noisy.traces).any()
+  assert (noisy.queries == 60).all()
+
+
+def test_the_confirm_rule_spends_the_budget_on_reevaluations(table):
+  acc = table.by_code('cifar10')
+  agent = st.fast_qlearner(60, tried_capacity=130)
+  rule = cf.Confirm(max_evaluations=3)
+  off = bl.search_batch(agent, acc, 60, range(8), noise=1.0)
+  on = bl.search_batch(agent, acc, 60, range(8), noise=1.0, confirm=rule)
+  assert (on.queries == 60).all() and (off.queries == 60).all()
+  assert (on.kept <= on.traces).all()
+  # Re-evaluations are trainings too: the rule trains fewer distinct cells, so it asks
+  # for fewer proposals.
+  assert (on.iterations < off.iterations).any() and (on.iterations <= off.iterations).all()
+  # Without noise, two repeats show the reward is exact and the rule stands back.
+  # (The kept cell lags the best only while a challenger is being confirmed.)
+  exact = bl.search_batch(agent, acc, 60, range(8), confirm=rule)
+  np.testing.assert_array_equal(exact.kept[..., -1], exact.traces[..., -1])
 
 
 # -- the real table, when shared --------------------------------------------------------------

@@ -18,6 +18,7 @@ from blockqnn_jax.settings.base import (COMPUTE_DTYPES, ConfigMismatch, DATA_SOU
                                         EXECUTOR_KINDS, FromConfig, PRNG_IMPLS, SettingsError,
                                         TRAIN_LOOPS, build, differences, flatten, refuse_changes)
 from blockqnn_jax.settings.agent import (AgentSettings, EXPLORATIONS, EpsilonSchedule, FAST_AGENT,
+                                         FAST_CONFIRM,
                                          FAST_SCHEDULE, PAPER_EPSILON_SCHEDULE, QLearningConfig,
                                          SCHEDULE_UNITS, STRATEGIES)
 from blockqnn_jax.settings.search import (DataSettings, ExecutorSettings, LoopSettings,
@@ -28,6 +29,7 @@ from blockqnn_jax.settings.final import (FinalDataSettings, FinalNetworkSettings
 __all__ = [
     'AgentSettings', 'COMPUTE_DTYPES', 'ConfigMismatch', 'DATA_SOURCES', 'DataSettings',
     'EXECUTOR_KINDS', 'EXPLORATIONS', 'EpsilonSchedule', 'ExecutorSettings', 'FAST_AGENT',
+    'FAST_CONFIRM',
     'FAST_SCHEDULE', 'FinalDataSettings', 'FinalNetworkSettings', 'FinalSettings',
     'FinalTrainConfig', 'FromConfig', 'LoopSettings', 'NetworkSettings', 'PAPER_EPSILON_SCHEDULE',
     'PRNG_IMPLS', 'QLearningConfig', 'RaySettings', 'SCHEDULE_UNITS', 'STRATEGIES',

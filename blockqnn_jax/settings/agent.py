@@ -162,3 +162,8 @@ FAST_AGENT = AgentSettings(alpha=1.0, q_init=0.0, reward_shaping=True, replay_si
                            mutation_rate=0.0, max_mutations=1, avoid_repeats=True,
                            max_resamples=16, restart=True)
 FAST_SCHEDULE = ((1.0, 1), (0.0, 9))
+# With the fast agent, a block is evaluated up to 3 times under the incumbent/challenger rule
+# (``search.confirm``): on NAS-Bench-201 with noise of the top cells' spread
+# (``benchmarks.nb201 --noise=1``, 100 trainings) it cut the kept cell's regret by 15-20%,
+# where 2 evaluations gained less and 4 or more spent too much of the budget.
+FAST_CONFIRM = 3
