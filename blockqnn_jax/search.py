@@ -24,7 +24,7 @@ import concurrent.futures
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +50,9 @@ class SearchSummary:
   """The whole search so far: ``candidates`` rows, of which ``trained`` are distinct blocks
   evaluated (``trained_failed`` of them failed; ``shared`` of them read from the evaluation
   cache shared with other searches instead of trained here) and ``cached`` reused an
-  identical block's result; ``failed`` counts every failed row, reused ones included."""
+  identical block's result; ``failed`` counts every failed row, reused ones included.
+  ``reevaluations`` are the further evaluations of the confirm rule (``search.confirm``),
+  and ``kept`` the block the search hands over, with its evidence."""
 
   iterations_done: int
   candidates: int
@@ -62,6 +64,8 @@ class SearchSummary:
   worker_idle_fraction: float | None = None  # when the executor reports its utilisation
   trained_failed: int = 0
   shared: int = 0
+  reevaluations: int = 0
+  kept: Any = None  # confirm.Kept
 
   @property
   def cache_hit_rate(self) -> float:
@@ -183,7 +187,8 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
       trained=counts['trained'], cached=counts['cached'], failed=counts['failed'],
       best=counts['best'], wall_s=time.perf_counter() - start,
       worker_idle_fraction=None if utilisation is None else 1 - utilisation(),
-      trained_failed=counts['trained_failed'], shared=counts['shared'])
+      trained_failed=counts['trained_failed'], shared=counts['shared'],
+      reevaluations=counts['reevaluations'], kept=counts['kept'])
 
 
 def open_eval_cache(settings: SearchSettings, data, platform: str

@@ -15,11 +15,17 @@ search resumes from it. Tables:
   before any of them is trained. With bounded staleness an iteration is sampled from a Q
   several updates old; keeping what was sampled makes a resumed search train exactly what
   the uninterrupted one would have.
+* ``evaluations`` — every further evaluation of a block a search made (``search.confirm``:
+  the same block trained again from another seed): its canonical key, replicate (1, 2, ...;
+  replicate 0 is the block's ``candidates`` row), the iteration that asked for it, the
+  seed, whether the shared evaluation cache held it, and the result (JSON). A block's
+  evidence is its first result and these.
 * ``meta`` — the run's config (JSON) and schema version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sqlite3
 import threading
@@ -52,6 +58,18 @@ CREATE TABLE IF NOT EXISTS sampled (
   iteration INTEGER PRIMARY KEY,
   arrays BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+  canonical_key TEXT NOT NULL,
+  replicate INTEGER NOT NULL,
+  iteration INTEGER NOT NULL,
+  seed INTEGER NOT NULL,
+  shared INTEGER NOT NULL,
+  status TEXT NOT NULL,
+  reward REAL,
+  result TEXT NOT NULL,
+  created_at REAL NOT NULL,
+  PRIMARY KEY (canonical_key, replicate)
+);
 CREATE TABLE IF NOT EXISTS agent_state (
   id INTEGER PRIMARY KEY CHECK (id = 0),
   next_iteration INTEGER NOT NULL,
@@ -59,6 +77,18 @@ CREATE TABLE IF NOT EXISTS agent_state (
   saved_at REAL NOT NULL
 );
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One row of the ``evaluations`` table: a block trained again (replicate >= 1)."""
+
+  canonical_key: str
+  replicate: int
+  iteration: int
+  seed: int
+  shared: bool
+  result: EvalResult
 
 
 class StoreError(ValueError):
@@ -282,6 +312,49 @@ class ResultsStore(LockedDatabase):
         raise StoreError(f'{self.path}: cannot read the candidates table ({e})') from None
     return [results.from_row(dict(zip(names, r))) for r in rows]
 
+  # -- further evaluations ------------------------------------------------------------------
+
+  def record_evaluation(self, evaluation: Evaluation) -> None:
+    """Records a further evaluation; a second record of the same (block, replicate) is
+    ignored."""
+    r = evaluation.result
+    with self._lock:
+      self._db.execute(
+          'INSERT OR IGNORE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+          (evaluation.canonical_key, evaluation.replicate, evaluation.iteration,
+           evaluation.seed, int(evaluation.shared), r.status,
+           r.reward if r.ok else None, results.encode_result(r), time.time()))
+
+  def evaluations(self, before_iteration: int | None = None) -> list[Evaluation]:
+    """The further evaluations (those asked for by iterations before ``before_iteration``,
+    when given), in the order they were made."""
+    clause, args = ('WHERE iteration < ?', (before_iteration,)) \
+        if before_iteration is not None else ('', ())
+    with self._lock:
+      try:
+        rows = self._db.execute(
+            'SELECT canonical_key, replicate, iteration, seed, shared, result FROM evaluations '
+            f'{clause} ORDER BY rowid', args).fetchall()
+      except sqlite3.OperationalError:  # a read-only store from before the table existed
+        return []
+    return [Evaluation(k, r, i, seed, bool(shared), results.decode_result(text))
+            for k, r, i, seed, shared, text in rows]
+
+  def forget_evaluation(self, canonical_key: str, replicate: int) -> None:
+    """Removes a further evaluation (a transient failure, to be trained again)."""
+    with self._lock:
+      self._db.execute('DELETE FROM evaluations WHERE canonical_key = ? AND replicate = ?',
+                       (canonical_key, replicate))
+
+  def trainings(self) -> int:
+    """What the budget counts: candidates evaluated (not repeats) plus further evaluations."""
+    with self._lock:
+      try:
+        further = self._db.execute('SELECT COUNT(*) FROM evaluations').fetchone()[0]
+      except sqlite3.OperationalError:
+        further = 0
+    return self.count('WHERE cached = 0') + further
+
   # -- agent state --------------------------------------------------------------------------
 
   def save_agent(self, next_iteration: int, arrays: dict[str, Any]) -> None:
@@ -304,8 +377,11 @@ class ResultsStore(LockedDatabase):
 
   def load_agent(self) -> tuple[int, dict[str, np.ndarray]] | None:
     with self._lock:
-      row = self._db.execute(
-          'SELECT next_iteration, arrays FROM agent_state WHERE id = 0').fetchone()
+      try:
+        row = self._db.execute(
+            'SELECT next_iteration, arrays FROM agent_state WHERE id = 0').fetchone()
+      except sqlite3.OperationalError:  # a read-only store without the table: no agent yet
+        return None
     if row is None:
       return None
     return row[0], _npz_arrays(row[1])

@@ -25,6 +25,16 @@ Blocks are identified by their canonical form: a block whose canonical key was t
 handed out for training: its trial comes back from ``ask`` with ``known=True`` and its
 result; one equivalent to a block still out waits for that one's result.
 
+With ``search.confirm`` > 1 (the fast agent's default) a block may be evaluated more than
+once: when an iteration's blocks are all told, each newly trained one that looks at least as
+good as the kept block (the incumbent) is a challenger, and ``ask`` hands out
+*re-evaluations* (``trial.replicate`` >= 1: the same block, another seed) as the
+incumbent/challenger rule of ``confirm`` asks for them, one at a time, before the strategy
+learns the iteration from each block's mean reward. Every evaluation is stored (the store's
+``evaluations`` table, and the shared cache under its own seed) and counts against the
+budget; ``kept()`` is the block the evidence supports. The decisions are replayed from the
+stored evaluations in a fixed order, so a resumed study decides as the first run did.
+
 ``search.run_search`` is this loop with an executor doing the training.
 """
 
@@ -42,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockqnn_jax import canonical
+from blockqnn_jax import confirm as confirm_lib
 from blockqnn_jax import eval_cache as eval_cache_lib
 from blockqnn_jax import nsc
 from blockqnn_jax import qlearning as ql
@@ -57,6 +68,7 @@ from blockqnn_jax.settings import SearchSettings
 
 # fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).
 _INIT_STREAM = 2**31 - 1
+_INCUMBENT = confirm_lib.INCUMBENT_KEY
 # What ``Study.tell`` takes as metrics: the result's measured fields (not its identity).
 METRICS = ('val_accuracy', 'final_loss', 'flops', 'density', 'params', 'compile_s',
            'train_s', 'eval_s', 'total_s', 'images_per_s', 'device')
@@ -65,10 +77,11 @@ class StudyError(ValueError):
   """A trial told wrongly: unknown, told twice, or with a reward that is not a number."""
 
 
-def candidate_seed(seed: int, canonical_key: str) -> int:
+def candidate_seed(seed: int, canonical_key: str, replicate: int = 0) -> int:
   """The training seed of a block: fixed by its canonical form, so a retrained block (after a
-  resume) trains exactly as it would have."""
-  digest = hashlib.sha256(f'{seed}:{canonical_key}'.encode()).digest()
+  resume) trains exactly as it would have; ``replicate`` >= 1 for its further evaluations."""
+  text = f'{seed}:{canonical_key}' + (f':{replicate}' if replicate else '')
+  digest = hashlib.sha256(text.encode()).digest()
   return int.from_bytes(digest[:4], 'little') >> 1
 
 
@@ -89,6 +102,9 @@ class Trial:
     result: the known result (None otherwise).
     prepared: the block prepared for training (``PreparedBlock``), when the study was given
       a ``prepare``; None otherwise.
+    replicate: 0 for a block's first evaluation; 1, 2, ... for a re-evaluation asked by the
+      confirm rule (the same block trained again from ``seed``, another seed). A
+      re-evaluation's ``id`` is negative and ``position`` is -1.
   """
 
   id: int
@@ -100,6 +116,12 @@ class Trial:
   known: bool = False
   result: EvalResult | None = None
   prepared: PreparedBlock | None = None
+  replicate: int = 0
+
+  @property
+  def reevaluation(self) -> bool:
+    """Whether this is a further evaluation of a block already evaluated."""
+    return self.replicate > 0
 
   @property
   def reward(self) -> float | None:
@@ -118,6 +140,7 @@ class _Iteration:
   blocks: list[nsc.Block]
   results: list[EvalResult | None]
   cached: list[bool]
+  confirmed: bool = False  # its failures were watched (once, however often it is replayed)
 
   @property
   def complete(self) -> bool:
@@ -192,6 +215,9 @@ class Study:
     self._staleness = settings.search.max_staleness
     self._base_key = jax.random.PRNGKey(settings.seed)
     budget = settings.search.distinct_budget
+    self._confirm = settings.search.confirm_rule
+    self._incumbent: str | None = None  # the kept block's key, under the confirm rule
+    self._reevaluation: Trial | None = None  # the re-evaluation handed out, if any
     saved = self.store.load_agent()
     if saved is None:
       self._first = 0
@@ -199,6 +225,8 @@ class Study:
                                        jax.random.fold_in(self._base_key, _INIT_STREAM), budget)
     else:
       self._first, arrays = saved
+      incumbent = arrays.pop(_INCUMBENT, None)
+      self._incumbent = str(incumbent) if incumbent is not None else None
       self._state = strategies.restore_saved_state(self.strategy, self.space, arrays, budget)
       logging.info('resuming %s at iteration %d', self.store.path, self._first)
     # The one iteration that may have been asked after the last save (see ``_begin``).
@@ -227,7 +255,8 @@ class Study:
   def create(cls, workdir: str | Path, *, strategy: str = 'qlearning_fast', budget: int = 100,
              grammar: nsc.Grammar | None = None, seed: int = 0,
              blocks_per_iteration: int = 4, max_staleness: int = 0,
-             settings: SearchSettings | None = None, **kwargs) -> 'Study':
+             confirm: int | None = None, settings: SearchSettings | None = None,
+             **kwargs) -> 'Study':
     """Creates (or reopens) a study in ``workdir`` of ``strategy`` on ``grammar``.
 
     Args:
@@ -241,12 +270,15 @@ class Study:
       blocks_per_iteration: proposals per iteration (the strategy learns after each).
       max_staleness: iterations proposed ahead of the one being learned (for workers in
         parallel; 0: strict iterations).
+      confirm: most evaluations of one block under the incumbent/challenger rule
+        (``search.confirm``; 1: never re-evaluate); None: the strategy's default
+        (``FAST_CONFIRM`` for 'qlearning_fast', 1 for the others).
       settings: instead of the above, a whole ``SearchSettings`` (``strategy``... unused).
       **kwargs: passed to ``Study`` (``allow_config_change``, ``eval_cache``...).
     """
     if settings is None:
       settings = SearchSettings.for_study(strategy, budget, grammar or nsc.Grammar(), seed,
-                                          blocks_per_iteration, max_staleness)
+                                          blocks_per_iteration, max_staleness, confirm)
     return cls(settings, workdir, **kwargs)
 
   @property
@@ -293,6 +325,8 @@ class Study:
     """
     trial = self._trial(trial)
     result = self._result(trial, reward, failed, result, metrics)
+    if trial.reevaluation:
+      return self._tell_reevaluation(trial, result)
     del self._out[trial.id]
     del self._training[trial.canonical_key]
     self.finished_here += 1
@@ -318,7 +352,13 @@ class Study:
                 trained=s.count('WHERE cached = 0'), cached=s.count('WHERE cached = 1'),
                 failed=s.count("WHERE status = 'failed'"), best=s.best(),
                 trained_failed=s.count("WHERE cached = 0 AND status = 'failed'"),
-                shared=s.count('WHERE cached = 0 AND shared = 1'))
+                shared=s.count('WHERE cached = 0 AND shared = 1'),
+                reevaluations=len(s.evaluations()), trainings=s.trainings(),
+                kept=self.kept())
+
+  def kept(self) -> confirm_lib.Kept | None:
+    """The block this study hands its user, with its evidence (``confirm.kept_block``)."""
+    return confirm_lib.kept_block(self.store)
 
   def close(self) -> None:
     """Closes the store and frees the workdir (told results are already saved)."""
@@ -337,7 +377,7 @@ class Study:
 
   def _budget_spent(self) -> bool:
     budget = self.settings.search.budget
-    return bool(budget) and self.store.count('WHERE cached = 0') >= budget
+    return bool(budget) and self.store.trainings() >= budget
 
   def _seed(self, key: str) -> int:
     if self.cache is not None:  # the same for every search sharing the cache
@@ -429,19 +469,29 @@ class Study:
     """Learns from every complete iteration in order, proposing what each allows."""
     while (not self._stopped and self._learned in self._pending
            and self._pending[self._learned].complete):
-      it = self._pending.pop(self._learned)
-      # In (iteration, position) order, so whether a search stops never depends on timing;
-      # after recording (the failures are kept), before the agent learns reward 0 from them.
-      for result, was_cached in zip(it.results, it.cached):
-        if not was_cached:
-          self._failures.see(result)
-      self._failures.check()
+      it = self._pending[self._learned]
+      if not it.confirmed:
+        # In (iteration, position) order, so whether a search stops never depends on
+        # timing; after recording (the failures are kept), before the agent learns from
+        # them.
+        for result, was_cached in zip(it.results, it.cached):
+          if not was_cached:
+            self._failures.see(result)
+        self._failures.check()
+        it.confirmed = True
+      means = self._confirm_iteration(it) if self._confirm.active else {}
+      if means is None:  # a re-evaluation is out: learn when it is told
+        return
+      del self._pending[self._learned]
       failed_reward = self.settings.search.failed_reward
-      rewards = np.asarray([r.reward if r.ok else failed_reward for r in it.results],
-                           np.float32)
+      rewards = np.asarray([means.get(r.canonical_key, r.reward) if r.ok else failed_reward
+                            for r in it.results], np.float32)
       self._state = self.strategy.tell(self.space, self._state, it.trajectories,
                                        jnp.asarray(rewards), it.replay_key)
-      self.store.save_agent(it.index + 1, strategies.state_arrays(self._state))
+      arrays = strategies.state_arrays(self._state)
+      if self._incumbent is not None:
+        arrays[_INCUMBENT] = np.asarray(self._incumbent)
+      self.store.save_agent(it.index + 1, arrays)
       self._learned += 1
       if self._on_learned is not None:
         self._on_learned(Learned(it.index, it.epsilon, list(it.results), list(it.cached),
@@ -453,6 +503,94 @@ class Study:
       if self._learned >= self._last:
         return
       self._advance()
+
+  # -- the confirm rule ------------------------------------------------------------------
+
+  def _confirm_iteration(self, it: _Iteration) -> dict[str, float] | None:
+    """Runs the confirm rule over iteration ``it``'s new blocks, in position order, replaying
+    the re-evaluations already stored; returns each evaluated block's mean reward when it is
+    done, or None after handing out the next re-evaluation (``ask``)."""
+    if self._reevaluation is not None:
+      return None
+    # What the confirmation began with, however many evaluations were made since.
+    evidence, _ = confirm_lib.store_evidence(self.store, it.index)
+    made = {(e.canonical_key, e.replicate): e for e in self.store.evaluations()
+            if e.iteration == it.index}
+    spent = (self.store.count('WHERE cached = 0 AND iteration <= ?', (it.index,))
+             + len(self.store.evaluations(before_iteration=it.index)))
+    budget = self.settings.search.budget
+    incumbent = self._incumbent  # as saved after the iteration before
+    seen = set()
+    for result, was_cached in zip(it.results, it.cached):
+      key = result.canonical_key
+      if was_cached or key in seen or not result.ok:
+        continue
+      seen.add(key)
+      if incumbent is None or incumbent not in evidence:
+        incumbent = key
+        continue
+      while key != incumbent:
+        action = evidence.action(self._confirm, key, incumbent)
+        if action == confirm_lib.ACCEPT:
+          incumbent = key
+        if action in (confirm_lib.ACCEPT, confirm_lib.DROP):
+          break
+        if budget and spent >= budget:
+          break  # the budget is spent: the incumbent stays
+        target = key if action == confirm_lib.AGAIN else incumbent
+        replicate = evidence.made(target)
+        stored = made.get((target, replicate))
+        if stored is None:
+          stored = self._reevaluate(it, target, replicate)
+          if stored is None:
+            return None
+        spent += 1
+        evidence.add(target, stored.result.reward if stored.result.ok else None)
+        if not stored.result.ok:
+          break  # a failed re-evaluation ends the challenge; the incumbent stays
+    self._incumbent = incumbent
+    return {k: evidence.mean(k) for k in evidence.keys()}
+
+  def _reevaluate(self, it: _Iteration, key: str, replicate: int):
+    """Hands out re-evaluation ``replicate`` of ``key`` (returns None), or records and
+    returns it at once when the shared evaluation cache holds it."""
+    first = self.store.trained(key)
+    seed = (eval_cache_lib.block_seed(key, replicate) if self.cache is not None
+            else candidate_seed(self.settings.seed, key, replicate))
+    if self.cache is not None and (shared := self.cache.get(key, seed)) is not None:
+      evaluation = store_lib.Evaluation(key, replicate, it.index, seed, True,
+                                        dataclasses.replace(shared, block=first.nsc))
+      self.store.record_evaluation(evaluation)
+      return evaluation
+    block = first.result.parse_block()
+    trial = Trial(-1 - len(self.store.evaluations()), it.index, -1, block, key, seed,
+                  prepared=self._prepared(block), replicate=replicate)
+    self._reevaluation = trial
+    self._out[trial.id] = trial
+    self._queue.append(trial)
+    return None
+
+  def _tell_reevaluation(self, trial: Trial, result: EvalResult) -> EvalResult:
+    del self._out[trial.id]
+    self._reevaluation = None
+    self.finished_here += 1
+    if not result.reusable:  # a lost worker, out of memory: hand it out again
+      logging.warning('re-evaluation %d of %s failed (%s): it is handed out again',
+                      trial.replicate, trial.block.to_text(), result.failure_reason)
+      self._out[trial.id] = trial
+      self._queue.append(trial)
+      self._reevaluation = trial
+      return result
+    shared = False
+    if self.cache is not None:
+      result, shared = self.cache.put(trial.canonical_key, trial.seed, result)
+    self.store.record_evaluation(store_lib.Evaluation(
+        trial.canonical_key, trial.replicate, trial.iteration, trial.seed, shared,
+        dataclasses.replace(result, block=trial.block.to_text())))
+    if self._on_recorded is not None:
+      self._on_recorded(trial.iteration, -1, result)
+    self._learn_ready()
+    return result
 
   def _trial(self, trial: Trial | int) -> Trial:
     tid = trial.id if isinstance(trial, Trial) else trial

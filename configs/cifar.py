@@ -19,7 +19,7 @@ import dataclasses
 
 import ml_collections
 
-from blockqnn_jax.settings import FAST_AGENT, SearchSettings
+from blockqnn_jax.settings import FAST_AGENT, FAST_CONFIRM, SearchSettings
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -60,6 +60,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # proposals (50 x 8, four times the budget, as Study does).
     config.search.epsilon_schedule = ((1.0, 5), (0.0, 45))
     config.search.budget = 100
+    # A new block that looks as good as the kept one is trained again (up to 3 evaluations,
+    # each one of the 100) before the agent learns from it and before it is kept.
+    config.search.confirm = FAST_CONFIRM
     config.network.num_blocks = 1
     config.network.features = 8
     config.network.num_classes = 10
@@ -86,6 +89,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     config.agent.update(dataclasses.asdict(FAST_AGENT))
     config.search.epsilon_schedule = ((1.0, 3), (0.0, 27))
     config.search.budget = 1000
+    config.search.confirm = FAST_CONFIRM
   elif preset != 'paper':
     raise ValueError(f'unknown preset {preset!r}: use "paper", "smoke", "cpu" or "gpu"')
   return config

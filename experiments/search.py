@@ -59,12 +59,16 @@ def _summary_lines(summary: search_lib.SearchSummary, workdir: Path) -> list[str
       f'{f" of which {reused_failed} failed" if reused_failed else ""}'
       f'{f", read from the shared cache {summary.shared}" if summary.shared else ""}), '
       f'cache hit rate {summary.cache_hit_rate:.1%}, {summary.wall_s:.0f} s']
+  if summary.reevaluations:
+    lines.append(f're-evaluations (the confirm rule): {summary.reevaluations}')
   if summary.worker_idle_fraction is not None:
     lines.append(f'workers idle {summary.worker_idle_fraction:.1%} of the time')
   best = summary.best
   if best is not None:
     lines.append(f'best reward {best.reward:.4f} (accuracy {best.val_accuracy:.4f}): '
                  f'{best.nsc}')
+  if summary.kept is not None:
+    lines.append(f'kept block: {summary.kept.describe()}')
   lines.append(f'results: {workdir / store_lib.DB_NAME}')
   return lines
 

@@ -22,9 +22,11 @@ def test_the_gpu_preset_is_the_papers_search_with_the_fast_agent_and_a_budget():
   changed = settings_lib.differences(paper, gpu)
   assert {k.split('.')[0] for k in changed} == {'preset', 'agent', 'search'}
   assert {k for k in changed if k.startswith('search.')} == {'search.epsilon_schedule',
-                                                            'search.budget'}
+                                                            'search.budget', 'search.confirm'}
   assert gpu.search.budget == 1000 and gpu.search.distinct_budget == 1000
   assert gpu.agent == settings_lib.FAST_AGENT
+  # The fast agent confirms a challenger before keeping it; the paper's never retrains.
+  assert gpu.search.confirm == settings_lib.FAST_CONFIRM and paper.search.confirm == 1
   # Enough proposals for the budget even if a third of them were repeats.
   assert gpu.search.schedule.num_iterations * gpu.search.blocks_per_iteration >= 1500
   assert (gpu.network.num_blocks, gpu.network.features, gpu.train.epochs,

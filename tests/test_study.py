@@ -35,7 +35,9 @@ def score(block) -> float:
 
 
 def _open(workdir, **kwargs):
+  """A study of GRAMMAR; without the confirm rule unless asked (its tests are below)."""
   kwargs.setdefault('budget', 16)
+  kwargs.setdefault('confirm', 1)
   return Study.create(workdir, grammar=GRAMMAR, blocks_per_iteration=4, **kwargs)
 
 
@@ -56,8 +58,28 @@ def _rows(workdir):
   with store_lib.ResultsStore.open_read_only(workdir) as store:
     rows = sorted((c.iteration, c.position, c.nsc, c.reward, c.cached, c.status)
                   for c in store.candidates())
+    rows += [(e.iteration, -1 - e.replicate, e.canonical_key, e.result.reward, e.seed)
+             for e in store.evaluations()]
     agent = store.load_agent()
   return rows, agent
+
+
+def noisy_score(block, seed: int) -> float:
+  """``score`` plus seed noise of 0.05: a block trained again scores differently."""
+  return score(block) + 0.05 * float(np.random.default_rng(seed).standard_normal())
+
+
+def _run_noisy(study, stop_after=None):
+  """Tells every trial ``noisy_score`` until done (or after ``stop_after`` tells; 'again':
+  when the first re-evaluation is out)."""
+  told = 0
+  while (trial := study.ask()) is not None:
+    if not trial.known:
+      if told == stop_after or (stop_after == 'again' and trial.reevaluation):
+        return told
+      study.tell(trial, noisy_score(trial.block, trial.seed))
+      told += 1
+  return told
 
 
 @pytest.mark.parametrize('strategy', ['qlearning_fast', 'qlearning', 'random', 'evolution',
@@ -188,13 +210,15 @@ _KILLED = textwrap.dedent('''
     def score(block):
       key = canonical.canonical_key(block)
       return int(hashlib.sha256(key.encode()).hexdigest()[:6], 16) / 16**6
+    def noise(seed):  # seed noise, so that the confirm rule re-evaluates
+      return (int(hashlib.sha256(str(seed).encode()).hexdigest()[:6], 16) / 16**6 - 0.5) / 10
     study = Study.create(sys.argv[1], grammar=nsc.Grammar(max_index=5, conv_kernels=(1, 3)),
                          blocks_per_iteration=4, budget=24, strategy=sys.argv[2])
     print('ready', flush=True)
     while (trial := study.ask()) is not None:
       if not trial.known:
         time.sleep(0.05)
-        study.tell(trial, score(trial.block))
+        study.tell(trial, score(trial.block) + noise(trial.seed))
     study.close()
 ''')
 
@@ -224,6 +248,86 @@ def test_a_study_killed_at_any_moment_resumes_exactly(strategy, tmp_path):
     np.testing.assert_array_equal(array, killed[1][1][name], err_msg=name)
 
 
+# -- the confirm rule: re-evaluations and the kept block ----------------------------------------
+
+def test_the_confirm_rule_hands_out_reevaluations_and_keeps_what_the_evidence_supports(
+    tmp_path):
+  with _open(tmp_path, strategy='qlearning_fast', budget=24, confirm=3) as study:
+    trials = []
+    while (trial := study.ask()) is not None:
+      if not trial.known:
+        trials.append(trial)
+        study.tell(trial, noisy_score(trial.block, trial.seed))
+    summary, kept = study.summary(), study.kept()
+  again = [t for t in trials if t.reevaluation]
+  assert again and all(t.id < 0 and t.position == -1 for t in again)
+  first = {t.canonical_key: t for t in trials if not t.reevaluation}
+  for t in again:  # the same block, trained from another seed
+    assert t.canonical_key in first and t.seed != first[t.canonical_key].seed
+    assert 1 <= t.replicate <= 2
+  # Every training counts against the budget.
+  assert summary['trainings'] == len(trials) == summary['trained'] + len(again)
+  assert 24 <= summary['trainings'] <= 24 + 2 and summary['reevaluations'] == len(again)
+  # The kept block's reward is the mean of its evaluations, with their count.
+  own = [noisy_score(t.block, t.seed) for t in trials if t.canonical_key == kept.canonical_key]
+  assert kept.rule == 'confirmed' and kept.evaluations == len(own) >= 2
+  assert kept.reward == pytest.approx(np.mean(own))
+  assert kept == summary['kept'] and math.isfinite(kept.standard_error)
+  # A reopened study reads the same kept block from its store.
+  with _open(tmp_path, strategy='qlearning_fast', budget=24, confirm=3) as study:
+    assert study.kept() == kept and study.done
+
+
+def test_the_report_and_the_retraining_take_the_kept_block(tmp_path):
+  from blockqnn_jax.report import page  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.settings import FinalSettings  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.training import final  # pylint: disable=import-outside-toplevel
+  from configs import cifar_final  # pylint: disable=import-outside-toplevel
+  with _open(tmp_path, strategy='qlearning_fast', budget=24, confirm=3) as study:
+    _run_noisy(study)
+    kept = study.kept()
+    best = study.summary()['best']
+  assert kept.evaluations >= 2
+  summary = page.write_report(tmp_path)
+  text = summary.read_text()
+  assert f'| Kept block (confirmed) | `{kept.block}`: mean reward {kept.reward:.4f}' in text
+  assert '## Blocks evaluated more than once' in text
+  starred = [line for line in text.splitlines() if line.startswith('| ★ |')]
+  assert len(starred) == 1 and kept.block in starred[0]
+  assert json.loads((summary.parent / 'kept_block.json').read_text())['evaluations'] == \
+      kept.evaluations
+  top = json.loads((summary.parent / 'top_blocks.json').read_text())
+  assert top[0]['nsc'] == best.nsc and sum(t['kept'] for t in top) <= 1
+  config = cifar_final.get_config('smoke')
+  config.block, config.search_workdir = '', str(tmp_path)
+  block, source = final.resolve_block(FinalSettings.from_config(config))
+  assert block.to_text() == kept.block and 'kept block' in source
+
+
+def test_without_the_rule_the_kept_block_is_the_best_single_reward(tmp_path):
+  with _open(tmp_path, strategy='qlearning_fast', budget=16, confirm=1) as study:
+    _run_noisy(study)
+    kept, best = study.kept(), study.summary()['best']
+  assert kept.rule == 'best single reward' and kept.evaluations == 1
+  assert (kept.canonical_key, kept.reward) == (best.canonical_key, best.reward)
+
+
+@pytest.mark.parametrize('stops', [(3,), (7, 4), ('again', 'again', 5, 'again')])
+def test_interrupted_during_confirmation_a_study_resumes_exactly(stops, tmp_path):
+  with _open(tmp_path / 'whole', strategy='qlearning_fast', budget=24, confirm=3) as study:
+    _run_noisy(study)
+  for stop in stops:  # closed with a trial out (a kill loses nothing more: tells are stored)
+    with _open(tmp_path / 'cut', strategy='qlearning_fast', budget=24, confirm=3) as study:
+      _run_noisy(study, stop_after=stop)
+  with _open(tmp_path / 'cut', strategy='qlearning_fast', budget=24, confirm=3) as study:
+    _run_noisy(study)
+  whole, cut = _rows(tmp_path / 'whole'), _rows(tmp_path / 'cut')
+  assert any(row[1] < 0 for row in whole[0])  # it re-evaluated
+  assert whole[0] == cut[0] and whole[1][0] == cut[1][0]
+  for name, array in whole[1][1].items():
+    np.testing.assert_array_equal(array, cut[1][1][name], err_msg=name)
+
+
 def _readme_example() -> str:
   text = (ROOT / 'README.md').read_text()
   section = text.split('\n## Your own trainer\n', 1)[1]
@@ -237,7 +341,7 @@ def test_the_readme_example_runs_as_written_from_an_empty_folder(tmp_path):
   done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
                         text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert done.returncode == 0, done.stderr[-3000:]
-  assert 'best' in done.stdout
+  assert 'kept:' in done.stdout and 'evaluation' in done.stdout
   workdirs = [p for p in tmp_path.iterdir() if (p / store_lib.DB_NAME).is_file()]
   assert len(workdirs) == 1
   assert compare.load_curve(workdirs[0]).trained >= 10

@@ -7,8 +7,9 @@ from typing import Any
 
 from blockqnn_jax import nsc
 from blockqnn_jax.results import RewardConfig
-from blockqnn_jax.settings.agent import (FAST_AGENT, PAPER_EPSILON_SCHEDULE, STRATEGIES,
-                                         AgentSettings, EpsilonSchedule)
+from blockqnn_jax.confirm import Confirm
+from blockqnn_jax.settings.agent import (FAST_AGENT, FAST_CONFIRM, PAPER_EPSILON_SCHEDULE,
+                                         STRATEGIES, AgentSettings, EpsilonSchedule)
 from blockqnn_jax.settings.base import (COMPUTE_DTYPES, DATA_SOURCES, EXECUTOR_KINDS, FromConfig,
                                         PRNG_IMPLS, TRAIN_LOOPS, SettingsError, _check,
                                         _one_of)
@@ -180,6 +181,13 @@ class LoopSettings:
       and the training seed of a block is derived from the block alone, so every search
       sharing the file reads what it would have trained. '' (default): none; each block's
       seed is derived from the search's seed and the block.
+    confirm: most evaluations of one block under the incumbent/challenger rule
+      (``confirm.Confirm``): a new block that looks at least as good as the kept one is
+      trained again from other seeds before the strategy learns from it (the mean of its
+      evaluations) and before it is kept; every evaluation counts against ``budget``. 1
+      (default, the paper): never train a block twice, keep the best single reward.
+      ``FAST_CONFIRM`` in the fast agent's presets (NAS-Bench-201 with noise:
+      ``benchmarks.nb201 --noise=1``).
   """
 
   blocks_per_iteration: int = 64
@@ -192,8 +200,10 @@ class LoopSettings:
   stop_after_failures: int = 10
   budget: int = 0
   eval_cache: str = ''
+  confirm: int = 1
 
   def __post_init__(self):
+    _check(self.confirm >= 1, 'search.confirm', 'must be >= 1 (1: off)', self.confirm)
     schedule = tuple((float(e), int(n)) for e, n in self.epsilon_schedule)
     object.__setattr__(self, 'epsilon_schedule', schedule)
     _check(self.blocks_per_iteration >= 1, 'search.blocks_per_iteration', 'must be >= 1',
@@ -215,6 +225,11 @@ class LoopSettings:
   @property
   def schedule(self) -> EpsilonSchedule:
     return EpsilonSchedule(self.epsilon_schedule)
+
+  @property
+  def confirm_rule(self) -> Confirm:
+    """The incumbent/challenger rule of ``confirm``."""
+    return Confirm(max_evaluations=self.confirm)
 
   @property
   def distinct_budget(self) -> int:
@@ -299,10 +314,12 @@ class SearchSettings(FromConfig):
 
   @classmethod
   def for_study(cls, strategy: str, budget: int, grammar: nsc.Grammar, seed: int = 0,
-                blocks_per_iteration: int = 4, max_staleness: int = 0) -> 'SearchSettings':
+                blocks_per_iteration: int = 4, max_staleness: int = 0,
+                confirm: int | None = None) -> 'SearchSettings':
     """What ``study.Study.create`` runs: the paper's search on ``grammar`` with the strategy
     (by its ``Study`` name) and budget, and a schedule long enough to offer the budget four
-    times."""
+    times; ``confirm`` None is the strategy's default (``FAST_CONFIRM`` for the fast agent,
+    1 for the others)."""
     if budget < 1:
       raise SettingsError(f'budget must be >= 1, got {budget}')
     iterations = max(10, -(-4 * budget // blocks_per_iteration))
@@ -313,7 +330,8 @@ class SearchSettings(FromConfig):
       agent = dataclasses.asdict(FAST_AGENT)
       first = max(1, iterations // 10)
       search.update(strategy='qlearning', epsilon_schedule=((1.0, first),
-                                                            (0.0, iterations - first)))
+                                                            (0.0, iterations - first)),
+                    confirm=FAST_CONFIRM)
     elif strategy in ('qlearning', 'qlearning_paper'):
       agent = dict(budget_sized=True)  # the paper's agent, its schedule over the budget
       scaled = EpsilonSchedule().scaled(max(iterations, 10))
@@ -325,5 +343,7 @@ class SearchSettings(FromConfig):
       raise SettingsError(
           f"unknown strategy {strategy!r}: use 'qlearning_fast', 'qlearning' "
           "('qlearning_paper'), 'random', 'evolution' or 'local_search'")
+    if confirm is not None:
+      search['confirm'] = confirm
     return cls.from_config(dict(seed=seed, space=dataclasses.asdict(grammar), agent=agent,
                                 search=search, preset='study'))
