@@ -9,12 +9,14 @@ made while the search is still writing.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import re
 from pathlib import Path
 from typing import Sequence
 
+from blockqnn_jax import confirm
 from blockqnn_jax import nsc
 from blockqnn_jax import store as store_lib
 from blockqnn_jax.report import analysis
@@ -27,15 +29,19 @@ REPORT_DIR = 'report'
 # -- reading the store -----------------------------------------------------------------------
 
 
-def _read(path: str | Path) -> tuple[list[Candidate], dict[str, str], Path]:
-  """The candidates and the meta table of a store, and its database path, in one open.
+def _read(path: str | Path):
+  """The candidates and the meta table of a store, its database path, every block's
+  evaluations (``confirm.Evidence``), the kept block (``confirm.Kept``) and the further
+  evaluations' rows, in one open.
 
   Raises:
     FileNotFoundError: no database there.
     ValueError: the file is not a search store, or its candidates cannot be read.
   """
   with store_lib.ResultsStore.open_read_only(path) as results_store:  # StoreError: a ValueError
-    return results_store.candidates(), results_store.meta(), results_store.path
+    evidence, _ = confirm.store_evidence(results_store)
+    return (results_store.candidates(), results_store.meta(), results_store.path, evidence,
+            confirm.kept_block(results_store), results_store.evaluations())
 
 
 def load_candidates(path: str | Path) -> list[Candidate]:
@@ -88,8 +94,11 @@ def _json_value(value):
   return None if _missing(value) else value
 
 
-def top_block_records(rows: Sequence[Candidate], k: int) -> list[dict]:
-  """The top-k as JSON-ready dicts (the content of ``top_blocks.json``)."""
+def top_block_records(rows: Sequence[Candidate], k: int,
+                      evidence: confirm.Evidence | None = None,
+                      kept: confirm.Kept | None = None) -> list[dict]:
+  """The top-k as JSON-ready dicts (the content of ``top_blocks.json``); with the store's
+  ``evidence``, each block's number of evaluations and mean reward, and which is ``kept``."""
   samples = collections.Counter(r.canonical_key for r in rows)
   out = []
   for rank, r in enumerate(analysis.top_blocks(rows, k), start=1):
@@ -101,11 +110,39 @@ def top_block_records(rows: Sequence[Candidate], k: int) -> list[dict]:
         density=r.density if math.isfinite(r.density) else block.density(),
         layers=[list(layer.as_tuple()) for layer in block.layers],
         iteration=r.iteration, epsilon=r.epsilon, times_sampled=samples[r.canonical_key]))
+    if evidence is not None and r.canonical_key in evidence:
+      out[-1].update(evaluations=evidence.count(r.canonical_key),
+                     mean_reward=evidence.mean(r.canonical_key))
+    out[-1]['kept'] = kept is not None and kept.canonical_key == r.canonical_key
   return out
 
 
+def _evaluation_lines(evidence: confirm.Evidence, rows: Sequence[Candidate],
+                      kept: confirm.Kept | None, rewards: dict[str, list[float]]) -> list[str]:
+  """The section listing every block evaluated more than once, best mean first."""
+  repeated = [k for k in evidence.keys() if evidence.made(k) > 1]
+  if not repeated:
+    return []
+  text = {r.canonical_key: r.nsc for r in rows if not r.cached}
+  lines = ['', '## Blocks evaluated more than once', '',
+           f'Seed noise of one evaluation (pooled): {_fmt(evidence.noise_std)}. The kept block '
+           'is marked ★.', '', '| | mean reward | ± s.e. | evaluations | rewards | NSC |',
+           '|---|---:|---:|---:|---|---|']
+  for key in sorted(repeated, key=lambda k: -evidence.mean(k) if k in evidence else 0):
+    mark = '★' if kept is not None and kept.canonical_key == key else ''
+    values = ', '.join(f'{v:.4f}' for v in rewards.get(key, []))
+    failed = evidence.failed.get(key, 0)
+    values += f' ({failed} failed)' if failed else ''
+    lines.append(f'| {mark} | {_fmt(evidence.mean(key) if key in evidence else None)} | '
+                 f'{_fmt(evidence.standard_error(key))} | {evidence.made(key)} | {values} | '
+                 f'`{text.get(key, key)}` |')
+  return lines
+
+
 def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[str, str],
-                   source: str = '', config: str | None = None) -> str:
+                   source: str = '', config: str | None = None,
+                   kept: confirm.Kept | None = None,
+                   evaluations: Sequence[str] = ()) -> str:
   """The Markdown page of ``summary.md``.
 
   Args:
@@ -114,6 +151,8 @@ def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[
     images: section title -> image path relative to the page.
     source: the database path, shown in the header.
     config: the run's config JSON, shown folded, if known.
+    kept: the block the search hands over, with its evidence.
+    evaluations: the lines of the blocks evaluated more than once (``_evaluation_lines``).
   """
   s = summary
   lines = ['# BlockQNN search report', '']
@@ -138,6 +177,11 @@ def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[
   if s.best is not None:
     lines.append(f'| Best reward | {s.best.reward:.4f} (accuracy '
                  f'{_fmt(s.best.val_accuracy)}, iteration {s.best.iteration}) |')
+  if kept is not None:
+    se = '' if math.isnan(kept.standard_error) else f' ± {kept.standard_error:.4f}'
+    lines.append(f'| Kept block ({kept.rule}) | `{kept.block}`: mean reward '
+                 f'{kept.reward:.4f}{se} over {kept.evaluations} evaluation'
+                 f'{"s" if kept.evaluations != 1 else ""} |')
   pair = s.exploration_vs_exploitation()
   if pair and pair[0].mean_reward is not None and pair[1].mean_reward is not None:
     gain = pair[1].mean_reward - pair[0].mean_reward
@@ -150,14 +194,19 @@ def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[
     lines += [f'| {n:,} | {_one_line(reason)} |' for reason, n in s.failure_reasons]
   for title, image in images.items():
     lines += ['', f'## {title}', '', f'![{title}]({image})']
+  lines += list(evaluations)
   lines += ['', f'## Top {len(top)} blocks', '']
   if top:
-    lines += ['| # | reward | val acc | MFLOPs | params | density | sampled | found (it, ε) '
-              '| NSC |', '|---:|---:|---:|---:|---:|---:|---:|---|---|']
+    lines += ['Ranked by best single reward; a block evaluated several times shows its mean '
+              'and count (★: the kept block).', '',
+              '| # | reward | mean (evals) | val acc | MFLOPs | params | density | sampled '
+              '| found (it, ε) | NSC |', '|---:|---:|---:|---:|---:|---:|---:|---:|---|---|']
     for t in top:
       mflops = None if t['flops'] is None else t['flops'] / 1e6
+      mean = (f'{t["mean_reward"]:.4f} ({t["evaluations"]})' if 'mean_reward' in t else '–')
+      star = ' ★' if t.get('kept') else ''
       lines.append(
-          f'| {t["rank"]} | {t["reward"]:.4f} | {_fmt(t["val_accuracy"])} | '
+          f'| {t["rank"]}{star} | {t["reward"]:.4f} | {mean} | {_fmt(t["val_accuracy"])} | '
           f'{_fmt(mflops, ",.1f")} | {_fmt(t["params"], ",")} | {_fmt(t["density"], ".2f")} | '
           f'{t["times_sampled"]} | {t["iteration"]}, {t["epsilon"]:g} | `{t["nsc"]}` |')
     blocks = [f'![#{t["rank"]}](block_{t["rank"]}.png)' for t in top]
@@ -194,12 +243,19 @@ def write_report(workdir: str | Path, out_dir: str | Path | None = None,
     FileNotFoundError: if the workdir or its database does not exist.
     ValueError: if the database is not a search store or holds no candidates.
   """
-  rows, meta, db = _read(workdir)
+  rows, meta, db, evidence, kept, further = _read(workdir)
   if not rows:
     raise ValueError(f'the search database {db} holds no candidates yet')
   out = Path(out_dir) if out_dir is not None else db.parent / REPORT_DIR
   out.mkdir(parents=True, exist_ok=True)
-  top = top_block_records(rows, top_k)
+  top = top_block_records(rows, top_k, evidence, kept)
+  rewards: dict[str, list[float]] = {}
+  for row in rows:
+    if not row.cached and row.ok:
+      rewards.setdefault(row.canonical_key, []).append(row.reward)
+  for e in further:
+    if e.result.ok:
+      rewards.setdefault(e.canonical_key, []).append(e.result.reward)
   images = {
       'Reward per iteration': figures.plot_reward_per_iteration(
           rows, out / 'reward_per_iteration.png'),
@@ -214,7 +270,10 @@ def write_report(workdir: str | Path, out_dir: str | Path | None = None,
   (out / 'top_blocks.txt').write_text(''.join(t['nsc'] + '\n' for t in top))
   (out / 'top_blocks.json').write_text(_json_text(top))
   page = render_summary(analysis.summarize(rows), top, {k: v.name for k, v in images.items()},
-                        source=str(db), config=meta.get('config'))
+                        source=str(db), config=meta.get('config'), kept=kept,
+                        evaluations=_evaluation_lines(evidence, rows, kept, rewards))
+  if kept is not None:
+    (out / 'kept_block.json').write_text(_json_text(dataclasses.asdict(kept)))
   summary_path = out / 'summary.md'
   summary_path.write_text(page)
   return summary_path

@@ -119,7 +119,8 @@ class FinalSettings(FromConfig):
     block: NSC text of the block to retrain ('' to take it from ``search_workdir``); by
       default the paper's residual example block.
     search_workdir: a search's workdir whose ``rank``-th best distinct block is retrained.
-    rank: 1 = the best block.
+    rank: 1 = the block the search kept (the confirm rule's incumbent, else the best
+      single reward); 2, 3, ... the next distinct blocks by best single reward.
     allow_config_change: continue a workdir whose stored settings differ.
     network: the network the block is stacked into.
     data: the images.

@@ -7,6 +7,7 @@ from pathlib import Path
 import re
 
 from blockqnn_jax import canonical
+from blockqnn_jax import confirm
 from blockqnn_jax import nsc
 from blockqnn_jax import store as store_lib
 from blockqnn_jax.report import analysis
@@ -72,8 +73,11 @@ def resolve_block(settings: FinalSettings) -> tuple[nsc.Block, str]:
   """The block to retrain and where it came from.
 
   ``settings.block`` (NSC text) when it is non-empty; otherwise, with ``search_workdir`` set,
-  the ``rank``-th distinct block of ``<search_workdir>/report/top_blocks.txt`` or, without
-  that file, of the search's results store.
+  rank 1 is the block the search kept (``confirm.kept_block``: the confirm rule's incumbent,
+  or the best single reward of a search without the rule), read from its results store; a
+  ``rank`` > 1 (or a workdir holding only a report) is the ``rank``-th distinct block by
+  best single reward of ``<search_workdir>/report/top_blocks.txt`` or, without that file,
+  of the store.
 
   Returns:
     ``(block, source)``: the validated block, and 'config', or the report / database path
@@ -97,7 +101,17 @@ def resolve_block(settings: FinalSettings) -> tuple[nsc.Block, str]:
     if rank < 1:
       raise BlockNotFound(f'rank must be >= 1, got {rank}')
     report = Path(search_workdir) / TOP_BLOCKS_FILE
-    if report.is_file():
+    database = Path(search_workdir) / store_lib.DB_NAME
+    if rank == 1 and database.is_file():
+      try:
+        with store_lib.ResultsStore.open_read_only(search_workdir) as results_store:
+          kept = confirm.kept_block(results_store)
+      except store_lib.StoreError as e:
+        raise BlockNotFound(f'{database}: cannot read the search results ({e})') from e
+      if kept is None:
+        raise BlockNotFound(f'{database} has no successful block yet')
+      path, texts = database, [kept.block]
+    elif report.is_file():
       path, texts = report, top_blocks_from_report(report)
     else:
       path = Path(search_workdir) / store_lib.DB_NAME
@@ -115,7 +129,8 @@ def resolve_block(settings: FinalSettings) -> tuple[nsc.Block, str]:
       block = nsc.Block.parse(texts[rank - 1])
     except nsc.NSCError as e:
       raise BlockNotFound(f'{path}: invalid block {texts[rank - 1]!r} ({e})') from e
-    source = f'{path} (rank {rank})'
+    source = f'{path} (rank {rank})' if path != database or rank > 1 else \
+        f'{path} (the kept block: {kept.describe()})'
   else:
     raise BlockNotFound('no block: set config.block (NSC text) or config.search_workdir')
   # Structure only: the search's space (kernels, layers) may be larger than the default one.
