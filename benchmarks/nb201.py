@@ -223,24 +223,28 @@ def print_table(dataset: str, optimum: float, results, budgets: list[int], seeds
 
 
 def plot(path: str, curves, optima, datasets: list[str], results, budgets: list[int]) -> None:
-  """Mean best-so-far against distinct cells (the budget-sized agents' curve is their run
-  at the largest budget; dots mark each budget's own runs)."""
+  """Mean best-so-far against trainings (the budget-sized agents' curve is their run at the
+  largest budget; dots mark each budget's own runs); with noise, the kept cell's true
+  accuracy dashed."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
   for d, (ax, dataset) in enumerate(zip(axes[0], datasets)):
     lows = []
-    for name, traces in curves.items():
+    for name, (traces, kept) in curves.items():
       mean = traces[d, -1].mean(axis=0)
       line, = ax.plot(np.arange(1, mean.size + 1), mean, label=name, lw=1.2)
+      if not np.array_equal(kept, traces):  # noise: the kept cell's, dashed
+        ax.plot(np.arange(1, mean.size + 1), kept[d, -1].mean(axis=0), ls='--', lw=0.9,
+                color=line.get_color())
       ax.plot(budgets, [results[name][dataset][str(b)]['mean'] for b in budgets], 'o',
               color=line.get_color(), ms=3)
       lows.append(mean[min(9, mean.size - 1)])
     ax.axhline(optima[dataset], color='k', ls=':', lw=0.8, label='optimum')
     ax.set_title(dataset)
-    ax.set_xlabel('distinct cells queried')
-    ax.set_ylabel('best test accuracy (%)')
+    ax.set_xlabel('trainings')
+    ax.set_ylabel('true test accuracy (%): best trained, kept dashed')
     ax.set_ylim(min(lows), optima[dataset] + 0.3)
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
@@ -283,7 +287,7 @@ def main(argv):
     runtimes[name] = time.perf_counter() - t0
     print(f'{name}: {runtimes[name]:.1f} s ({note})', flush=True)
     results[name] = summarise(traces, kept, datasets, budgets)
-    curves[name] = traces
+    curves[name] = (traces, kept)
   optima = {d: table.optimum(d) for d in datasets}
   for dataset in datasets:
     print_table(dataset, optima[dataset], results, budgets, _SEEDS.value)
