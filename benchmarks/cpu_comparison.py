@@ -192,16 +192,21 @@ def main(argv):
     run_searches(runs)
   done = [workdir(s, seed) for s, seed in runs if (workdir(s, seed) / 'search.sqlite').is_file()]
   compact(done)
-  png, md = compare.compare_searches(done, root)
+  # Another set of strategies than the committed comparison's gets a folder of its own, so
+  # that a run of a few searches never overwrites the comparison of all five.
+  out = root if set(_STRATEGIES.value) == set(STRATEGIES) else root / (
+      'compare_' + '_'.join(sorted(_STRATEGIES.value)).replace('+', '_with_'))
+  out.mkdir(parents=True, exist_ok=True)
+  png, md = compare.compare_searches(done, out)
   text = md.read_text()
   if _RETRAIN.value and done:
     curves = [compare.load_curve(w) for w in done]
     retrained = retrain_best(curves)
-    (root / 'retrained.md').write_text('\n'.join(retrained) + '\n')
+    (out / 'retrained.md').write_text('\n'.join(retrained) + '\n')
     text += '\n' + '\n'.join(retrained) + '\n'
   print(text)
   print(f'figure: {png}')
-  (root / 'comparison.json').write_text(json.dumps(
+  (out / 'comparison.json').write_text(json.dumps(
       {'command': 'python -m benchmarks.cpu_comparison --report_only --retrain',
        'searches': [str(w) for w in done]}, indent=1))
 
