@@ -146,6 +146,11 @@ class Evidence:
     self.noise_ss += float(ss)
     self.noise_df += int(n > 0)
 
+  @property
+  def total(self) -> int:
+    """Evaluations added, failed ones included."""
+    return sum(n for _, _, n in self._stats.values()) + sum(self.failed.values())
+
   def __contains__(self, key: str) -> bool:
     return key in self._stats
 

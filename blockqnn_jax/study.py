@@ -516,8 +516,7 @@ class Study:
     evidence, _ = confirm_lib.store_evidence(self.store, it.index)
     made = {(e.canonical_key, e.replicate): e for e in self.store.evaluations()
             if e.iteration == it.index}
-    spent = (self.store.count('WHERE cached = 0 AND iteration <= ?', (it.index,))
-             + len(self.store.evaluations(before_iteration=it.index)))
+    spent = evidence.total  # trainings so far, as the confirmation began
     budget = self.settings.search.budget
     incumbent = self._incumbent  # as saved after the iteration before
     seen = set()

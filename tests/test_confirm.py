@@ -60,7 +60,7 @@ def test_evidence_matches_numpy():
   for key, values in rewards.items():
     assert evidence.mean(key) == pytest.approx(np.mean(values))
     assert evidence.count(key) == len(values)
-  assert evidence.made('b') == 2 and evidence.made('zzz') == 0
+  assert evidence.made('b') == 2 and evidence.made('zzz') == 0 and evidence.total == 7
   within = sum(((np.asarray(v) - np.mean(v))**2).sum() for v in rewards.values())
   assert evidence.noise_df == 3  # (3 - 1) + (2 - 1)
   assert evidence.noise_ss == pytest.approx(within)

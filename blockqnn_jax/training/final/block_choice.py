@@ -130,7 +130,7 @@ def resolve_block(settings: FinalSettings) -> tuple[nsc.Block, str]:
     except nsc.NSCError as e:
       raise BlockNotFound(f'{path}: invalid block {texts[rank - 1]!r} ({e})') from e
     source = f'{path} (rank {rank})' if path != database or rank > 1 else \
-        f'{path} (the kept block: {kept.describe()})'
+        f'{path} (rank 1, the kept block: {kept.describe()})'
   else:
     raise BlockNotFound('no block: set config.block (NSC text) or config.search_workdir')
   # Structure only: the search's space (kernels, layers) may be larger than the default one.
