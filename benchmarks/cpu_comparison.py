@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from typing import Any
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -81,6 +83,10 @@ _RETRAIN = flags.DEFINE_bool('retrain', False, "Retrain each strategy's best blo
                              'high fidelity (3 seeds) after the searches.')
 _FIDELITY_CACHE = flags.DEFINE_string('fidelity_cache', 'results/fidelity/cache.sqlite',
                                       "The high fidelity's cache (benchmarks.fidelity's).")
+_RETRAIN_KEPT = flags.DEFINE_bool(
+    'retrain_kept', False, 'Retrain the block each search kept (its confirm-rule incumbent, '
+    'or its best single reward) at the high fidelity (3 seeds), and compare each strategy run '
+    'with and without the rule seed by seed.')
 _HIGH_DATA = flags.DEFINE_string('high_data', None, "'SOURCE:PATH' of the high fidelity "
                                  "(default: benchmarks.fidelities.JPEG_FULL).")
 
@@ -183,6 +189,69 @@ def retrain_best(curves) -> list[str]:
   return lines
 
 
+def confirm_rule_ran(workdir: Path) -> bool:
+  """Whether a search ran the confirm rule (``search.confirm`` > 1)."""
+  from blockqnn_jax.settings import SearchSettings  # pylint: disable=import-outside-toplevel
+  with sqlite3.connect(f'file:{workdir / "search.sqlite"}?mode=ro', uri=True) as db:
+    row = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+  return row is not None and SearchSettings.from_config(row[0]).search.confirm > 1
+
+
+def kept_blocks(workdirs) -> list[tuple[str, int, int, Any]]:
+  """``(strategy, seed, trainings, confirm.Kept)`` of each search."""
+  from blockqnn_jax import confirm  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax import store as store_lib  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
+  out = []
+  for w in workdirs:
+    with store_lib.ResultsStore.open_read_only(w) as store:
+      config = json.loads(store.get_meta('config') or '{}')
+      kept = confirm.kept_block(store)
+      if kept is not None:
+        out.append((compare.strategy_name(config), config.get('seed'), store.trainings(), kept))
+  return out
+
+
+def kept_table(workdirs, retrain: bool) -> list[str]:
+  """The markdown lines of each search's kept block (its mean preset reward, evaluations and
+  trainings) and, with ``retrain``, its high-fidelity accuracy (3 seeds) and, for each
+  strategy run with and without the confirm rule, the difference seed by seed."""
+  kept = kept_blocks(workdirs)
+  high_acc = {}
+  if retrain and kept:
+    from benchmarks import fidelities  # pylint: disable=import-outside-toplevel
+    from blockqnn_jax import nsc  # pylint: disable=import-outside-toplevel
+    high = fidelities.high(data=_HIGH_DATA.value or fidelities.JPEG_FULL)
+    blocks = {k.canonical_key: nsc.parse(k.block) for *_, k in kept}
+    results = fidelities.evaluate(high, list(blocks.values()), (0, 1, 2),
+                                  _FIDELITY_CACHE.value)
+    for key in blocks:
+      got = [results[(key, r)] for r in (0, 1, 2)]
+      high_acc[key] = float(np.mean([g.val_accuracy for g in got if g is not None and g.ok]))
+  lines = ['The block each search kept (the confirm rule\'s incumbent, or the best single '
+           'reward without the rule):', '',
+           '| search | trainings | kept block | mean preset reward | evaluations | '
+           'high-fidelity accuracy |', '|---|---|---|---|---|---|']
+  for strategy, seed, trainings, k in kept:
+    se = '' if np.isnan(k.standard_error) else f' ± {k.standard_error:.4f}'
+    acc = f'{high_acc[k.canonical_key]:.4f}' if k.canonical_key in high_acc else '–'
+    lines.append(f'| {strategy} seed {seed} | {trainings} | `{k.block}` | {k.reward:.4f}{se} | '
+                 f'{k.evaluations} | {acc} |')
+  by = {(s, seed): high_acc.get(k.canonical_key) for s, seed, _, k in kept}
+  for strategy in sorted({s for s, *_ in kept if s.endswith('+confirm')}):
+    base = strategy[:-len('+confirm')]
+    seeds = sorted(seed for s, seed in by if s == strategy and (base, seed) in by
+                   and by[(strategy, seed)] is not None and by[(base, seed)] is not None)
+    if not seeds:
+      continue
+    diff = np.asarray([by[(strategy, seed)] - by[(base, seed)] for seed in seeds])
+    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float('nan')
+    per_seed = ', '.join(f'{seed}: {d:+.4f}' for seed, d in zip(seeds, diff))
+    lines += ['', f'{strategy} against {base}, the kept block\'s high-fidelity accuracy seed '
+              f'by seed ({per_seed}): {diff.mean():+.4f} ± {se:.4f} over {len(seeds)} seeds.']
+  return lines
+
+
 def main(argv):
   del argv
   from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
@@ -204,6 +273,10 @@ def main(argv):
     retrained = retrain_best(curves)
     (out / 'retrained.md').write_text('\n'.join(retrained) + '\n')
     text += '\n' + '\n'.join(retrained) + '\n'
+  if any(confirm_rule_ran(w) for w in done) or _RETRAIN_KEPT.value:
+    kept = kept_table(done, _RETRAIN_KEPT.value)
+    (out / 'kept.md').write_text('\n'.join(kept) + '\n')
+    text += '\n' + '\n'.join(kept) + '\n'
   print(text)
   print(f'figure: {png}')
   (out / 'comparison.json').write_text(json.dumps(

@@ -79,3 +79,12 @@ def test_kept_describes_its_evidence():
                              'evaluations (confirmed)')
   single = cf.Kept('k', 'b', 0.5, 1, float('nan'), 'best single reward')
   assert '±' not in single.describe() and 'over 1 evaluation ' in single.describe()
+
+
+def test_a_search_with_the_rule_is_compared_under_its_own_name():
+  from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
+  fast = {'agent': {'exploration': 'mutation'}, 'search': {'strategy': 'qlearning'}}
+  assert compare.strategy_name(fast) == 'qlearning_fast'
+  fast['search']['confirm'] = 3
+  assert compare.strategy_name(fast) == 'qlearning_fast+confirm'
+  assert compare.strategy_name({'search': {'strategy': 'evolution', 'confirm': 1}}) == 'evolution'

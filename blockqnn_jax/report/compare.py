@@ -87,13 +87,15 @@ _FAST_AGENT = {'exploration': 'mutation', 'avoid_repeats': True, 'monotone': Tru
 def strategy_name(config: dict) -> str:
   """The strategy a stored config ran: 'qlearning_paper' or 'qlearning_fast' for the
   Q-learner (fast: any of its beyond-the-paper exploration fields on), else
-  ``search.strategy``."""
-  strategy = config.get('search', {}).get('strategy', 'qlearning')
-  if strategy != 'qlearning':
-    return strategy
-  agent = config.get('agent', {})
-  fast = any(agent.get(k) == v for k, v in _FAST_AGENT.items())
-  return 'qlearning_fast' if fast else 'qlearning_paper'
+  ``search.strategy``; '+confirm' after it when the search ran the confirm rule
+  (``search.confirm`` > 1)."""
+  search = config.get('search', {})
+  strategy = search.get('strategy', 'qlearning')
+  if strategy == 'qlearning':
+    agent = config.get('agent', {})
+    fast = any(agent.get(k) == v for k, v in _FAST_AGENT.items())
+    strategy = 'qlearning_fast' if fast else 'qlearning_paper'
+  return strategy + ('+confirm' if int(search.get('confirm', 1)) > 1 else '')
 
 
 def rows_within(workdir: str | Path, budget: int) -> list[Candidate]:
