@@ -280,7 +280,9 @@ def main(argv):
   print(text)
   print(f'figure: {png}')
   (out / 'comparison.json').write_text(json.dumps(
-      {'command': 'python -m benchmarks.cpu_comparison --report_only --retrain',
+      {'command': 'python -m benchmarks.cpu_comparison --report_only --retrain' if out == root
+                  else 'python -m benchmarks.cpu_comparison --report_only --retrain_kept '
+                  f'--strategies={",".join(_STRATEGIES.value)} --seeds={",".join(_SEEDS.value)}',
        'searches': [str(w) for w in done]}, indent=1))
 
 
