@@ -97,8 +97,6 @@ def next_action(rule: Confirm, mean_c, n_c, mean_i, n_i, noise_ss, noise_df, xp=
   se = xp.sqrt(variance * (1.0 / n_c + 1.0 / n_i))
   gap = mean_c - mean_i
   behind = gap < -rule.slack * se
-  if rule.slack == 0:
-    behind = gap < 0
   decided = known & (xp.abs(gap) > rule.decisive * se)
   ahead = gap > 0
   matched = n_c >= n_i

@@ -379,10 +379,10 @@ class Study:
     budget = self.settings.search.budget
     return bool(budget) and self.store.trainings() >= budget
 
-  def _seed(self, key: str) -> int:
+  def _seed(self, key: str, replicate: int = 0) -> int:
     if self.cache is not None:  # the same for every search sharing the cache
-      return eval_cache_lib.block_seed(key)
-    return candidate_seed(self.settings.seed, key)
+      return eval_cache_lib.block_seed(key, replicate)
+    return candidate_seed(self.settings.seed, key, replicate)
 
   def _advance(self) -> None:
     """Proposes every iteration the staleness allows; those past this session's last are
@@ -554,8 +554,7 @@ class Study:
     """Hands out re-evaluation ``replicate`` of ``key`` (returns None), or records and
     returns it at once when the shared evaluation cache holds it."""
     first = self.store.trained(key)
-    seed = (eval_cache_lib.block_seed(key, replicate) if self.cache is not None
-            else candidate_seed(self.settings.seed, key, replicate))
+    seed = self._seed(key, replicate)
     if self.cache is not None and (shared := self.cache.get(key, seed)) is not None:
       evaluation = store_lib.Evaluation(key, replicate, it.index, seed, True,
                                         dataclasses.replace(shared, block=first.nsc))
