@@ -56,6 +56,7 @@ def get_config(preset: str | None = None):
     config.data.max_train = 1000
     config.data.decode_threads = 2
     config.train.epochs = 2
+    config.train.augment = True  # real images (the cifar smoke preset's digits go without)
     config.train.lr_decay_epochs = 5
     config.train.batch_size = 50
     config.train.eval_batch_size = 100

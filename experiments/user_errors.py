@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import logging
 import sys
 import traceback
 from typing import Callable
@@ -168,9 +169,20 @@ def guard(main: Callable[[list[str]], object], extra: tuple[type[BaseException],
   return guarded
 
 
+def quiet_jax_info() -> None:
+  """Hides JAX's INFO records (its warnings and errors stay): on a machine without a TPU,
+  JAX logs that it found no TPU backend, and that its compilation cache was reset, lines a
+  user cannot act on. ``logging.getLogger('jax').setLevel(logging.INFO)`` brings them
+  back."""
+  logger = logging.getLogger('jax')
+  if logger.level == logging.NOTSET:  # a level someone set on purpose stays
+    logger.setLevel(logging.WARNING)
+
+
 def run(main: Callable[[list[str]], object],
         extra: tuple[type[BaseException], ...] = ()) -> None:
   """``absl.app.run(main)``, with user errors (``USER_ERRORS`` and ``extra``) and an
   unparsable command line as one line on stderr and exit status ``EXIT_STATUS``;
-  ``--verbose`` adds the traceback."""
+  ``--verbose`` adds the traceback. JAX's INFO logs are hidden (``quiet_jax_info``)."""
+  quiet_jax_info()
   app.run(guard(main, extra), flags_parser=parse_flags)

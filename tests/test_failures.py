@@ -45,7 +45,7 @@ ABSL_RECORD = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 # on WORKDIRS/<name>, which does not exist unless SETUP makes it.
 CASES = {
     'batch_size': (SEARCH + ('--config.train.batch_size=5000',),
-                   ('preflight', 'train.batch_size=5000', '800 training images')),
+                   ('preflight', 'train.batch_size=5000', '1038 training images')),
     'loop': (SEARCH + ('--config.train.loop=foo',), ('train.loop', "'foo'")),
     'validation_size': (SEARCH + ('--config.data.validation_size=0',),
                         ('data.validation_size', 'got 0')),

@@ -1,7 +1,8 @@
 """Behaviour pinned: the blocks a short search of the paper's and the smoke preset samples,
 the rewards it learns from and the sequence a resumed search continues with. A refactor
 that changes any of them fails here (the digests were taken at the commit that added this
-file; with synthetic rewards, so they do not depend on floating point)."""
+file, the smoke preset's again when it became the fast agent with its confirm rule; with
+synthetic rewards, so they do not depend on floating point)."""
 
 import hashlib
 import json
@@ -16,7 +17,7 @@ from tests.test_search import ScoringExecutor
 
 PINNED = {
     'paper': '9fd01e93785b89b8',
-    'smoke': '643e06d6c9c7af91',
+    'smoke': '08681cc50c002cdc',
     'cpu': 'f0ebb5507593a7e4',
 }
 

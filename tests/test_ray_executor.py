@@ -17,6 +17,7 @@ from blockqnn_jax import search as search_lib  # noqa: E402
 from blockqnn_jax import store as store_lib  # noqa: E402
 from blockqnn_jax.settings import SearchSettings  # noqa: E402
 from configs import cifar  # noqa: E402
+from tests.test_search import paper_search  # noqa: E402
 
 BLOCKS = [nsc.parse('1,1,3,0,0 2,7,0,0,0'), nsc.parse('1,1,1,0,0 2,4,0,0,0 3,5,0,1,2 4,7,0,0,0')]
 
@@ -37,7 +38,7 @@ def splits():
 
 
 def _config(**ray_options):
-  config = cifar.get_config('smoke')
+  config = paper_search(cifar.get_config('smoke'))
   config.space.max_index = 4
   config.network.features = 4
   config.train.epochs = 1
