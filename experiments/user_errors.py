@@ -46,6 +46,7 @@ USER_ERRORS: dict[str, tuple[str, str]] = {
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
     'blockqnn_jax.training.final.block_choice.BlockNotFound': ('no block to retrain', ''),
+    'blockqnn_jax.export.ExportError': ('export', ''),
     'blockqnn_jax.results.Diverged': (
         'diverged', 'lower --config.train.learning_rate; the run resumes from its last '
         'checkpoint'),

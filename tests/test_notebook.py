@@ -26,3 +26,4 @@ def test_notebook_runs_end_to_end(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   assert (tmp_path / 'wd' / 'search' / 'report' / 'summary.md').exists()
   assert (tmp_path / 'wd' / 'final' / 'final.json').exists()
+  assert (tmp_path / 'wd' / 'export' / 'variables.npz').exists()  # the exported network

@@ -238,6 +238,16 @@ def test_the_readme_search_command_runs(tmp_path):
   assert 28 <= store.trainings() <= 28 + 4
   assert store.best().val_accuracy > 0.8
   store.close()
+  # The README's export of that search's block runs as written on its workdir.
+  text = (root / 'README.md').read_text()
+  section = text.split('\n## Use the found block elsewhere\n', 1)[1].split('\n## ', 1)[0]
+  line = next(l for l in section.splitlines() if '--workdir=workdirs/smoke ' in l)
+  export = shlex.split(line.replace('workdirs/smoke', str(tmp_path)).replace(
+      'workdirs/export_torch', str(tmp_path / 'export')))
+  out = subprocess.run([sys.executable] + export[1:], capture_output=True, text=True,
+                       timeout=300, cwd=root, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'BLOCK = ' in (tmp_path / 'export' / 'network.py').read_text()
   assert any((tmp_path / 'compile_cache').iterdir())  # the persistent compilation cache
 
 
