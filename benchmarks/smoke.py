@@ -13,7 +13,7 @@ Two parts, printed and written to ``results/smoke.json`` (``--json``):
   that found it (after the random phase or not), and the kept block.
 
   python -m benchmarks.smoke                                   # both parts, ~12 min here
-  python -m benchmarks.smoke --parts=reward --json=results/smoke_before.json \
+  python -m benchmarks.smoke --measure=reward --json=results/smoke_before.json \
       --set=train.augment=True --set=train.epochs=3 --set=data.max_train=1000 \
       --set=data.validation_size=200       # the reward of the smoke preset before 2026-12-06
 
@@ -48,7 +48,7 @@ from blockqnn_jax.settings import SearchSettings
 from blockqnn_jax.strategies import paths
 from configs import cifar
 
-_PARTS = flags.DEFINE_list('parts', ['reward', 'search'], "What to measure: 'reward', "
+_MEASURE = flags.DEFINE_list('measure', ['reward', 'search'], "What to measure: 'reward', "
                            "'search' or both.")
 _BLOCKS = flags.DEFINE_integer('blocks', 24, 'Blocks drawn for the reward part.')
 _DRAW_SEED = flags.DEFINE_integer('draw_seed', 0, 'Seeds the draw of blocks.')
@@ -228,11 +228,11 @@ def main(argv):
   report.update(changes=changes, command=' '.join(
       ['python -m benchmarks.smoke', *(f'--set={c}' for c in changes),
        *([f'--json={path}'] if str(path) != _JSON.default else [])]))
-  if 'reward' in _PARTS.value:
+  if 'reward' in _MEASURE.value:
     report['reward'] = measure_reward(settings, _BLOCKS.value, _DRAW_SEED.value)
     path.write_text(json.dumps(report, indent=1))
     _print_reward(report['reward'])
-  if 'search' in _PARTS.value:
+  if 'search' in _MEASURE.value:
     runs = []
     for seed in _SEEDS.value:
       runs.append(run_search(seed, changes))

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -118,7 +119,7 @@ def _check_fits(model: networks.BlockNet, spec, variables) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   block = settings = variables = None
   source = ''
   workdir = Path(_WORKDIR.value) if _WORKDIR.value else None
@@ -137,7 +138,7 @@ def main(argv):
                                   != canonical.canonical_key(block)):
       raise export.ExportError(f'the checkpoint in {workdir} is of block {block.to_text()}, '
                                f'not --block={_BLOCK.value}')
-    block, source = chosen, source if variables is not None else '--block'
+    block, source = chosen, source if variables is not None else 'the --block flag'
   if block is None:
     raise export.ExportError('nothing to export: pass --workdir or --block')
   if _CONFIG.value is not None:

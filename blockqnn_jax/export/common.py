@@ -41,7 +41,7 @@ def header(spec: NetworkSpec, framework: str, source: str, weights: str | None,
       layers,
   ]
   if source:
-    lines.append(f'Found: {source}')
+    lines.append(f'Source: {source}')
   network = (
       f'Network: {stem}; {len(shape.stages)} stages of {spec.num_blocks} '
       f'block{"s" * (spec.num_blocks > 1)} at {widths} channels, 2x2 stride-2 max pooling '
