@@ -73,13 +73,19 @@ class SearchSummary:
 
 
 class _Progress:
-  """A tqdm bar over all candidates of the search, with the figures a researcher watches."""
+  """A tqdm bar over what ends the search, with the figures a researcher watches: its
+  trainings (re-evaluations included) when it has a budget, else its candidates."""
 
-  def __init__(self, total: int, done: int, enabled: bool):
+  def __init__(self, total: int, done: int, enabled: bool, unit: str):
     self.bar = None
     if enabled:
       import tqdm
-      self.bar = tqdm.tqdm(total=total, initial=done, unit='cand', dynamic_ncols=True)
+      self.bar = tqdm.tqdm(total=total, initial=done, unit=unit, dynamic_ncols=True)
+
+  def move_to(self, done: int) -> None:
+    if self.bar is not None and done != self.bar.n:
+      self.bar.total = max(self.bar.total, done)  # the last iteration may overshoot a budget
+      self.bar.update(done - self.bar.n)
 
   def update(self, n: int, **postfix) -> None:
     if self.bar is not None:
@@ -131,15 +137,14 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
   """
   start = time.perf_counter()
   batch = settings.search.blocks_per_iteration
-  total = settings.search.schedule.num_iterations * batch
+  budget = settings.search.budget
+  total = budget or settings.search.schedule.num_iterations * batch
   writer = _tensorboard(Path(workdir))
   utilisation = getattr(executor, 'utilisation', None)
   bar = None
   clock = {'iteration': time.perf_counter()}
 
   def recorded(index: int, position: int, result: EvalResult) -> None:
-    if bar is not None:
-      bar.update(1)
     if on_recorded is not None:
       on_recorded(index, position, result)
 
@@ -164,18 +169,21 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
     with study_lib.Study(settings, workdir, allow_config_change=allow_config_change,
                          max_iterations=max_iterations, eval_cache=eval_cache,
                          prepare=prepare, on_recorded=recorded, on_learned=learned) as study:
-      bar = _Progress(total, study.store.count(), progress)
+      done = study.store.trainings if budget else study.store.count
+      bar = _Progress(total, done(), progress, 'training' if budget else 'cand')
       out: dict[concurrent.futures.Future, study_lib.Trial] = {}
       while not study.done:
         while (trial := study.ask()) is not None:
           if not trial.known:
             block = trial.prepared if trial.prepared is not None else trial.block
             out[executor.submit(block, seed=trial.seed)] = trial
+        bar.move_to(done())  # candidates known at once (repeats, the shared cache)
         if study.done or not out:
           break
         finished, _ = concurrent.futures.wait(out, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in finished:
           study.tell(out.pop(future), result=future.result())
+        bar.move_to(done())
       counts = study.summary()
   finally:
     if bar is not None:

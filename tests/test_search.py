@@ -512,3 +512,26 @@ def test_a_search_stops_at_its_budget_of_distinct_candidates_and_stays_stopped(t
   again = ScoringExecutor()
   resumed = _search(config, tmp_path, again, progress=False)
   assert again.submitted == [] and resumed.candidates == summary.candidates
+
+
+def test_the_progress_bar_counts_what_ends_the_search_and_resumes_where_it_was(tmp_path,
+                                                                                capsys):
+  """With a budget the bar counts trainings (re-evaluations too) up to the budget; a resumed
+  search's bar starts at what the workdir has."""
+  config = cifar.get_config('smoke')  # a budget of 28 trainings, the confirm rule on
+  config.space.max_index = 4
+  settings = SearchSettings.from_config(config)
+  search_lib.run_search(settings, tmp_path, ScoringExecutor(), max_iterations=2)
+  first = capsys.readouterr().err
+  store = store_lib.ResultsStore(tmp_path)
+  half = store.trainings()
+  store.close()
+  assert f'{half}/28 [' in first and 'training' in first
+  search_lib.run_search(settings, tmp_path, ScoringExecutor())
+  resumed = capsys.readouterr().err
+  store = store_lib.ResultsStore(tmp_path)
+  trainings = store.trainings()
+  store.close()
+  frames = [f for f in resumed.split('\r') if f.strip()]
+  assert f'{half}/28 [' in frames[0]  # where the interrupted search stopped
+  assert trainings >= 28 and f'{trainings}/{trainings} [' in frames[-1]  # done: a full bar

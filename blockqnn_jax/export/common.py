@@ -1,4 +1,6 @@
-"""What the exported files share: their header and constants, from the network's spec."""
+"""What the exported files share: ``module_source`` assembles one from a framework's
+``Dialect`` (its imports, helpers and the writers of its block and network classes), with
+the header and constants written here from the network's spec."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from typing import Callable, Sequence
 from blockqnn_jax import cost
 from blockqnn_jax import nsc
 from blockqnn_jax.architecture import NetworkSpec
-
 
 WIDTH = 96  # the exported files' line length
 
