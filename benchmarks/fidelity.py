@@ -113,18 +113,26 @@ def _top_overlap(judged: np.ndarray, truth: np.ndarray, k_judged=10, k_truth=5) 
   return len(top_truth & top_judged)
 
 
+def noise_figures(rewards: np.ndarray) -> dict:
+  """Seed noise against spread, of ``rewards`` ``(blocks, 2 seeds)``: the noise is the RMS
+  difference of a block's two rewards over sqrt(2) (one reward's std), the spread the std
+  over blocks of their two-seed means."""
+  noise = float(np.sqrt(np.mean((rewards[:, 0] - rewards[:, 1]) ** 2) / 2))
+  spread = float(rewards.mean(axis=1).std(ddof=1))
+  return dict(seed_noise=noise, spread_over_blocks=spread,
+              signal_to_noise=spread / noise if noise else math.inf)
+
+
 def summarize(name: str, spec: str, rewards: np.ndarray, accuracies: np.ndarray,
               seconds: np.ndarray, high_reward: np.ndarray, high_accuracy: np.ndarray
               ) -> dict:
   """The figures of one judged fidelity: ``rewards``/``accuracies`` are ``(blocks, seeds)``,
   ``seconds`` and ``high_*`` ``(blocks,)``."""
   mean = rewards.mean(axis=1)
-  seed_noise = float(np.sqrt(np.mean((rewards[:, 0] - rewards[:, 1]) ** 2) / 2))
   single = [_ranks_stats(rewards[:, s], high_reward) for s in range(rewards.shape[1])]
   out = dict(
       name=name, spec=spec, blocks=int(rewards.shape[0]),
-      seed_noise=seed_noise, spread_over_blocks=float(mean.std(ddof=1)),
-      signal_to_noise=float(mean.std(ddof=1) / seed_noise) if seed_noise else math.inf,
+      **noise_figures(rewards),
       kendall_tau=float(np.mean([s['kendall_tau'] for s in single])),
       spearman_rho=float(np.mean([s['spearman_rho'] for s in single])),
       kendall_tau_per_seed=[s['kendall_tau'] for s in single],

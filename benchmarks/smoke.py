@@ -37,6 +37,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from benchmarks import fidelity
 from blockqnn_jax import canonical
 from blockqnn_jax import confirm as confirm_lib
 from blockqnn_jax import data as data_lib
@@ -120,14 +121,11 @@ def measure_reward(settings: SearchSettings, n: int, seed: int) -> dict:
         reward[i, j], accuracy[i, j] = result.reward, result.val_accuracy
         seconds[i, j] = result.compile_s + result.train_s + result.eval_s
   from scipy import stats  # pylint: disable=import-outside-toplevel
-  noise = float(np.sqrt(np.mean((reward[:, 0] - reward[:, 1]) ** 2) / 2))
-  spread = float(reward.mean(axis=1).std(ddof=1))
   return dict(
       blocks=len(blocks), chance=CHANCE,
       accuracy_mean=float(accuracy.mean()), accuracy_min=float(accuracy.min()),
       accuracy_max=float(accuracy.max()),
-      seed_noise=noise, spread_over_blocks=spread,
-      signal_to_noise=spread / noise if noise else math.inf,
+      **fidelity.noise_figures(reward),
       kendall_tau_between_seeds=float(stats.kendalltau(reward[:, 0], reward[:, 1]).statistic),
       seconds_per_training=float(seconds.mean()),
       wall_s=time.perf_counter() - start,
