@@ -186,8 +186,9 @@ class LoopSettings:
       trained again from other seeds before the strategy learns from it (the mean of its
       evaluations) and before it is kept; every evaluation counts against ``budget``. 1
       (default, the paper): never train a block twice, keep the best single reward.
-      ``FAST_CONFIRM`` in the fast agent's presets (NAS-Bench-201 with noise:
-      ``benchmarks.nb201 --noise=1``).
+      ``FAST_CONFIRM`` in the smoke and gpu presets, where it pays on NAS-Bench-201 with
+      noise (``benchmarks.nb201 --noise=1``); 1 in the cpu preset, whose one-epoch reward
+      is biased more than it is noisy (``benchmarks.cpu_comparison``).
   """
 
   blocks_per_iteration: int = 64
