@@ -2,7 +2,7 @@
 
 An iteration samples ``--blocks`` blocks ε-greedily, applies the backward update to them,
 and replays ``--replay`` past blocks. Both versions run the same algorithm on the same space
-(``blockqnn_jax.reference`` is the dict version) in this one process; the figure that
+(``benchmarks.qlearning_reference`` is the dict version) in this one process; the figure that
 matters is the ratio, since absolute times on a shared machine are noisy.
 
   python -m benchmarks.agent                 # T=23, 64 blocks, replay 128
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import numpy as np
 
-from blockqnn_jax import nsc
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax import reference
-from blockqnn_jax import space as space_lib
+from benchmarks import qlearning_reference as reference
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.settings import agent
+from blockqnn_jax.strategies import qlearning as ql
 
 _MAX_INDEX = flags.DEFINE_integer('max_index', 23, 'T, the largest layer index.')
 _BLOCKS = flags.DEFINE_integer('blocks', 64, 'Blocks sampled per iteration.')
@@ -75,7 +75,7 @@ def main(argv):
   del argv
   grammar = nsc.Grammar(max_index=_MAX_INDEX.value)
   space = space_lib.build_space(grammar)
-  config = ql.QLearningConfig(replay_size=_REPLAY.value)
+  config = agent.QLearningConfig(replay_size=_REPLAY.value)
   print(f'backend={jax.default_backend()} T={grammar.max_index} states={space.num_states} '
         f'max_actions={space.max_actions} blocks={_BLOCKS.value} replay={_REPLAY.value}')
   print(f'{"epsilon":>8} {"arrays ms/iter":>15} {"first call s":>13} {"dicts ms/iter":>14} '

@@ -28,8 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from benchmarks.fixtures import BLOCKS, data_source
 

@@ -2,8 +2,8 @@
 ``blockqnn_jax`` is first on ``PYTHONPATH``, and prints one JSON line per candidate.
 
 Run by ``benchmarks/compile_share.py`` in a fresh process per revision and round; it uses only
-the interface every revision since 59371a5 has (``data.load_splits``,
-``SearchSettings.from_config``, ``DeviceGroup.place``, ``CandidateTrainer.evaluate``).
+the interface every revision since 59371a5 has (``load_splits``, ``SearchSettings.from_config``,
+``DeviceGroup.place``, ``CandidateTrainer.evaluate``), from the modules of its layout.
 
   python benchmarks/compile_share_driver.py '{"data": "npz:PATH", ...}'
 """
@@ -19,15 +19,22 @@ def main(spec: dict) -> None:
   import ml_collections
 
   import blockqnn_jax
-  from blockqnn_jax import data as data_lib
-  from blockqnn_jax import nsc
-  from blockqnn_jax.settings import SearchSettings
   from blockqnn_jax.training import candidate as candidate_lib
+  try:  # the layout since the house move
+    from blockqnn_jax.data.readers import load_splits
+    from blockqnn_jax.nsc import grammar as nsc
+    from blockqnn_jax.settings.search import SearchSettings
+    from blockqnn_jax.training.devices import DeviceGroup
+  except ImportError:  # revisions before it
+    from blockqnn_jax import nsc
+    from blockqnn_jax.data import load_splits
+    from blockqnn_jax.settings import SearchSettings
+    DeviceGroup = candidate_lib.DeviceGroup  # pylint: disable=invalid-name
 
   source, _, path = spec['data'].partition(':')
-  splits = data_lib.load_splits(source, path=path or None,
-                                validation_size=spec['validation_size'],
-                                max_train=spec['max_train'])
+  splits = load_splits(source, path=path or None,
+                       validation_size=spec['validation_size'],
+                       max_train=spec['max_train'])
   config = ml_collections.ConfigDict()
   config.train = dict(epochs=spec['epochs'], batch_size=spec['batch_size'],
                       eval_batch_size=spec['eval_batch_size'], loop=spec['loop'])
@@ -36,7 +43,7 @@ def main(spec: dict) -> None:
                         num_classes=splits.num_classes,
                         image_size=splits.image_shape[0])
   s = SearchSettings.from_config(config)
-  group = candidate_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
+  group = DeviceGroup.place(splits, jax.local_devices()[:1])
   trainer = candidate_lib.CandidateTrainer(group, s.train, s.reward, s.network)
   grammar = nsc.Grammar(max_index=23)
   print(json.dumps({'module': blockqnn_jax.__file__}), flush=True)

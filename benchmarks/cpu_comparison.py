@@ -38,14 +38,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-
 from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 
-from blockqnn_jax.qlearning import PAPER_EPSILON_SCHEDULE
+from blockqnn_jax.settings.agent import PAPER_EPSILON_SCHEDULE
 
 STRATEGIES = ('qlearning_fast', 'qlearning_paper', 'random', 'evolution', 'local_search')
 # What each strategy changes in configs/cifar.py:cpu (whose agent is the fast one). Each
@@ -141,8 +139,8 @@ def run_searches(runs: list[tuple[str, str]]) -> None:
 def compact(workdirs) -> None:
   """Shrinks the stores to what they hold (``ResultsStore.compact``), each under its
   workdir's lock, so they stay small enough for the repository; one a search holds is left."""
-  from blockqnn_jax import store as store_lib  # pylint: disable=import-outside-toplevel
-  from blockqnn_jax import workdir_lock  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.storage import store as store_lib  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.storage import workdir_lock  # pylint: disable=import-outside-toplevel
   for w in workdirs:
     try:
       with workdir_lock.WorkdirLock(w, purpose='compaction'), store_lib.ResultsStore(w) as store:
@@ -160,7 +158,8 @@ def retrain_best(curves) -> list[str]:
   """Each strategy's best block (over its seeds, at the common budget) at the high
   fidelity, 3 seeds; the markdown lines of the table."""
   from benchmarks import fidelities  # pylint: disable=import-outside-toplevel
-  from blockqnn_jax import canonical, nsc  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.nsc import canonical  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.nsc import grammar as nsc
   from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
   budget = min(c.trained for c in curves)
   best = {}
@@ -191,7 +190,7 @@ def retrain_best(curves) -> list[str]:
 
 def confirm_rule_ran(workdir: Path) -> bool:
   """Whether a search ran the confirm rule (``search.confirm`` > 1)."""
-  from blockqnn_jax.settings import SearchSettings  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.settings.search import SearchSettings  # pylint: disable=import-outside-toplevel
   with sqlite3.connect(f'file:{workdir / "search.sqlite"}?mode=ro', uri=True) as db:
     row = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
   return row is not None and SearchSettings.from_config(row[0]).search.confirm > 1
@@ -199,9 +198,9 @@ def confirm_rule_ran(workdir: Path) -> bool:
 
 def kept_blocks(workdirs) -> list[tuple[str, int, int, Any]]:
   """``(strategy, seed, trainings, confirm.Kept)`` of each search."""
-  from blockqnn_jax import confirm  # pylint: disable=import-outside-toplevel
-  from blockqnn_jax import store as store_lib  # pylint: disable=import-outside-toplevel
   from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.storage import store as store_lib  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.strategies import confirm  # pylint: disable=import-outside-toplevel
   out = []
   for w in workdirs:
     with store_lib.ResultsStore.open_read_only(w) as store:
@@ -220,7 +219,7 @@ def kept_table(workdirs, retrain: bool) -> list[str]:
   high_acc = {}
   if retrain and kept:
     from benchmarks import fidelities  # pylint: disable=import-outside-toplevel
-    from blockqnn_jax import nsc  # pylint: disable=import-outside-toplevel
+    from blockqnn_jax.nsc import grammar as nsc  # pylint: disable=import-outside-toplevel
     high = fidelities.high(data=_HIGH_DATA.value or fidelities.JPEG_FULL)
     blocks = {k.canonical_key: nsc.parse(k.block) for *_, k in kept}
     results = fidelities.evaluate(high, list(blocks.values()), (0, 1, 2),

@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import ml_collections
 import numpy as np
 
 from benchmarks.fixtures import BLOCKS, data_source
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import local_executor
-from blockqnn_jax import nsc
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import readers
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.data import stream as stream_lib
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
 from blockqnn_jax.training import candidate as candidate_lib
-from blockqnn_jax.training import engine
-from blockqnn_jax.training import streamed
+from blockqnn_jax.training import devices, engine, streamed
 
 _DATA = flags.DEFINE_string('data', 'digits', "'digits', or 'SOURCE:PATH' such as "
                             "'npz:../shared/data/cifar10-exact-subset.npz'.")
@@ -70,10 +70,10 @@ def _settings(num_classes: int, loop: str = 'auto') -> SearchSettings:
   return SearchSettings.from_config(config)
 
 
-def _load() -> data_lib.ImageSplits:
+def _load() -> splits_lib.ImageSplits:
   source, path = data_source(_DATA.value)
-  return data_lib.load_splits(source, path=path, validation_size=_VALIDATION.value,
-                              max_train=_MAX_TRAIN.value)
+  return readers.load_splits(source, path=path, validation_size=_VALIDATION.value,
+                             max_train=_MAX_TRAIN.value)
 
 
 def _throughput(splits, settings, blocks, compile_ahead: bool) -> float:
@@ -100,7 +100,7 @@ def main(argv):
         f'F={_FEATURES.value} N={_NUM_BLOCKS.value}')
   blocks = [nsc.parse(b, nsc.Grammar(max_index=23)) for b in BLOCKS]
 
-  group = candidate_lib.DeviceGroup.place(splits, [device])
+  group = devices.DeviceGroup.place(splits, [device])
   for loop in _LOOPS.value:
     looped = _settings(splits.num_classes, loop)
     trainer = candidate_lib.CandidateTrainer(group, looped.train, looped.reward,
@@ -111,7 +111,7 @@ def main(argv):
   if _STREAM.value:
     source, path = data_source(_DATA.value)
     size = _VALIDATION.value
-    stream = data_lib.StreamData(
+    stream = stream_lib.StreamData(
         source, name=path if source == 'tfds' else '', path=None if source == 'tfds' else path,
         image_size=splits.image_shape[0], validation_size=size, seed=0,
         max_train=len(splits.train_labels), mean=tuple(splits.mean.tolist()),

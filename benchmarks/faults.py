@@ -32,12 +32,11 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import workdir_lock
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage import workdir_lock
 
 _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the kill moments.')
 _KILLS = flags.DEFINE_integer('kills', 3, 'How many times the search is killed.')

@@ -18,13 +18,14 @@ from typing import Iterable, Sequence
 import jax
 
 from benchmarks import fixtures
-from blockqnn_jax import canonical
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import eval_cache as eval_cache_lib
-from blockqnn_jax import local_executor
-from blockqnn_jax import nsc
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import readers
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import eval_cache as eval_cache_lib
+from blockqnn_jax.storage.results import EvalResult
 from configs import cifar
 
 # The full JPEG CIFAR-10 in ../shared/data: 50,000 training and 10,000 test images.
@@ -39,7 +40,7 @@ class Fidelity:
   name: str
   spec: str
   settings: SearchSettings
-  splits: data_lib.ImageSplits
+  splits: splits_lib.ImageSplits
 
 
 def parse(spec: str) -> tuple[int, ...]:
@@ -72,9 +73,9 @@ def judged(name: str, spec: str, npz: str) -> Fidelity:
   """A fidelity of the search itself: the exact subset, the preset's hold-out."""
   settings = settings_at(spec)
   d = settings.data
-  splits = data_lib.load_splits('npz', name='cifar10', path=npz,
-                                validation_size=d.validation_size,
-                                seed=d.holdout(settings.seed), max_train=d.max_train or None)
+  splits = readers.load_splits('npz', name='cifar10', path=npz,
+                               validation_size=d.validation_size,
+                               seed=d.holdout(settings.seed), max_train=d.max_train or None)
   return Fidelity(name, spec, settings, splits)
 
 
@@ -83,8 +84,8 @@ def high(spec: str = HIGH, data: str = JPEG_FULL) -> Fidelity:
   test split, which no search and no judged fidelity ever sees."""
   settings = settings_at(spec)
   source, path = fixtures.data_source(data)
-  loaded = data_lib.load_splits(source, name='cifar10', path=path, validation_size=0,
-                                max_train=settings.data.max_train or None)
+  loaded = readers.load_splits(source, name='cifar10', path=path, validation_size=0,
+                               max_train=settings.data.max_train or None)
   splits = dataclasses.replace(loaded, val_images=loaded.test_images,
                                val_labels=loaded.test_labels)
   return Fidelity('high', spec, settings, splits)

@@ -31,16 +31,15 @@ import math
 from pathlib import Path
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 
 from benchmarks import fidelities
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
-from blockqnn_jax import space as space_lib
-from blockqnn_jax import strategies
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.strategies import paths as paths_lib
 from configs import cifar
 
 _DATA = flags.DEFINE_string('data', 'data/cifar10-exact-subset.npz',
@@ -85,7 +84,7 @@ def canonical_blocks(grammar: nsc.Grammar) -> list[nsc.Block]:
                  for a in range(count[state] - 1, -1, -1))
   states = np.asarray(paths, np.int32)
   lengths = np.asarray([_length(p, terminal) for p in paths], np.int32)
-  valid = np.asarray(strategies.path_valid(sp, states, lengths))
+  valid = np.asarray(paths_lib.path_valid(sp, states, lengths))
   seen, out = set(), []
   for block in sp.decode_batch(states[valid]):
     key = canonical.canonical_key(block)

@@ -42,19 +42,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
+import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import numpy as np
 
-from blockqnn_jax import baselines as bl
-from blockqnn_jax import nb201
-from blockqnn_jax import strategies as st
-from blockqnn_jax.settings import AgentSettings
-from blockqnn_jax.settings import FAST_CONFIRM
-from blockqnn_jax import confirm as cf
+from benchmarks import nb201_baselines as bl
+from benchmarks import nb201_space as nb201
+from blockqnn_jax.settings import agent
+from blockqnn_jax.settings.agent import FAST_CONFIRM, AgentSettings
+from blockqnn_jax.strategies import evolution, interface, qlearner, registry
 
 _TABLE_NAME = 'nb201-tss-200ep-test-acc.csv'
 STRATEGY_NAMES = ('qlearning_paper', 'qlearning_fast', 'random', 'evolution', 'local_search',
@@ -112,29 +110,29 @@ ABLATIONS = {
 }
 
 
-def make(name: str, top: int, batch: int) -> tuple[st.Strategy, bool]:
+def make(name: str, top: int, batch: int) -> tuple[interface.Strategy, bool]:
   """The strategy benchmarked as ``name``, and whether it depends on the budget."""
   if name == 'qlearning_paper':
     # The paper's settings, its schedule shortened to ceil(budget / batch) iterations.
-    return st.QLearner(AgentSettings(budget_sized=True, schedule_unit='iterations'),
-                       budget=top), True
+    return qlearner.QLearner(AgentSettings(budget_sized=True, schedule_unit='iterations'),
+                             budget=top), True
   if name == 'qlearning_fast':
-    return st.fast_qlearner(top, tried_capacity=2 * top + 2 * batch), True
+    return qlearner.fast_qlearner(top, tried_capacity=2 * top + 2 * batch), True
   if name.startswith('qlearning_fast/'):
-    return st.fast_qlearner(top, tried_capacity=2 * top + 2 * batch,
-                            **ABLATIONS[name.split('/', 1)[1]]), True
+    return qlearner.fast_qlearner(top, tried_capacity=2 * top + 2 * batch,
+                                  **ABLATIONS[name.split('/', 1)[1]]), True
   if name == 'evolution':
-    return st.AgingEvolution(population=_POPULATION.value, sample=_SAMPLE.value), False
-  return st.make_strategy(name), False
+    return evolution.AgingEvolution(population=_POPULATION.value, sample=_SAMPLE.value), False
+  return registry.make_strategy(name), False
 
 
-def confirm_rule(name: str) -> tuple[str, cf.Confirm]:
+def confirm_rule(name: str) -> tuple[str, agent.Confirm]:
   """A benchmarked name's strategy and rule: the fast agent confirms, the others do not;
   ``+confirm`` / ``-confirm`` at the end turns the rule on / off."""
   for suffix, on in (('+confirm', True), ('-confirm', False)):
     if name.endswith(suffix):
-      return name[:-len(suffix)], cf.Confirm(FAST_CONFIRM) if on else cf.OFF
-  return name, cf.Confirm(FAST_CONFIRM) if name.startswith('qlearning_fast') else cf.OFF
+      return name[:-len(suffix)], agent.Confirm(FAST_CONFIRM) if on else agent.OFF
+  return name, agent.Confirm(FAST_CONFIRM) if name.startswith('qlearning_fast') else agent.OFF
 
 
 def run_strategy(name: str, tables: np.ndarray, budgets: list[int], seeds: int):

@@ -20,19 +20,18 @@ from __future__ import annotations
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import numpy as np
 
 from benchmarks.fixtures import data_source
-from blockqnn_jax import canonical
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import executors
-from blockqnn_jax import nsc
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax import search as search_lib
-from blockqnn_jax import space as space_lib
+from blockqnn_jax.data import readers
+from blockqnn_jax.executors import factory as executors
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.strategies import qlearning as ql
 from configs import cifar
 
 _WORKERS = flags.DEFINE_list('workers', ['1', '2', '4'], 'Worker counts to compare.')
@@ -85,8 +84,8 @@ def main(argv):
   import ray
   counts = [int(n) for n in _WORKERS.value]
   source, path = data_source(_DATA.value)
-  splits = data_lib.load_splits(source, path=path, validation_size=200, seed=0,
-                                max_train=_MAX_TRAIN.value)
+  splits = readers.load_splits(source, path=path, validation_size=200, seed=0,
+                               max_train=_MAX_TRAIN.value)
   if _SHARE_GPU.value:
     ray.init(include_dashboard=False, log_to_driver=False)
   else:  # one CPU slot per worker, even past the cores (then they contend, as measured)

@@ -32,20 +32,19 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import numpy as np
 
 from benchmarks import fidelity
-from blockqnn_jax import canonical
-from blockqnn_jax import confirm as confirm_lib
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import local_executor
-from blockqnn_jax import space as space_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import study as study_lib
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import search_data
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.search import study as study_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.strategies import confirm as confirm_lib
 from blockqnn_jax.strategies import paths
 from configs import cifar
 
@@ -104,8 +103,8 @@ def drawn_blocks(settings: SearchSettings, n: int, seed: int):
 def measure_reward(settings: SearchSettings, n: int, seed: int) -> dict:
   """Trains ``n`` drawn blocks from two seeds each; the figures of the reward part."""
   blocks = drawn_blocks(settings, n, seed)
-  splits = data_lib.load_search_data(settings.data, settings.network,
-                                     settings.data.holdout(settings.seed))
+  splits = search_data.load_search_data(settings.data, settings.network,
+                                        settings.data.holdout(settings.seed))
   shape = (len(blocks), len(REPLICATES))
   reward, accuracy, seconds = np.zeros(shape), np.zeros(shape), np.zeros(shape)
   start = time.perf_counter()

@@ -19,7 +19,8 @@ import dataclasses
 
 import ml_collections
 
-from blockqnn_jax.settings import FAST_AGENT, FAST_CONFIRM, SearchSettings
+from blockqnn_jax.settings.agent import FAST_AGENT, FAST_CONFIRM
+from blockqnn_jax.settings.search import SearchSettings
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

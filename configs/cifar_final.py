@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from blockqnn_jax.settings import FinalSettings
+from blockqnn_jax.settings.final import FinalSettings
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ import sys
 
 from absl import flags
 
-from blockqnn_jax import report
+from blockqnn_jax.report import page
 from experiments import user_errors
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The search workdir (holding search.sqlite).')
@@ -33,7 +33,7 @@ def main(argv):
   del argv
   if _COMPARE.value:
     from blockqnn_jax.report import compare  # pylint: disable=import-outside-toplevel
-    out = _OUT.value or f'{_COMPARE.value[0]}/{report.REPORT_DIR}'
+    out = _OUT.value or f'{_COMPARE.value[0]}/{page.REPORT_DIR}'
     png, md = compare.compare_searches(_COMPARE.value, out)
     print(md.read_text())
     print(f'comparison written: {png}')
@@ -41,7 +41,7 @@ def main(argv):
   if not _WORKDIR.value:
     print('error: pass --workdir=WORKDIR (or --compare=W1,W2,...)', file=sys.stderr)
     sys.exit(user_errors.EXIT_STATUS)
-  summary = report.write_report(_WORKDIR.value, out_dir=_OUT.value, top_k=_TOP_K.value)
+  summary = page.write_report(_WORKDIR.value, out_dir=_OUT.value, top_k=_TOP_K.value)
   print(f'report written: {summary}')
 
 

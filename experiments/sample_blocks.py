@@ -10,18 +10,16 @@ grammar and an ε produce before spending GPU hours on a search:
 
 from __future__ import annotations
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 from ml_collections import config_flags
 import numpy as np
 
-from blockqnn_jax import architecture
-from blockqnn_jax import canonical
-from blockqnn_jax import cost
-from blockqnn_jax import qlearning
-from blockqnn_jax import space as space_lib
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.models import architecture, cost
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.strategies import qlearning
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
                                           'Search config (file[:preset]).')

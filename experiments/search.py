@@ -8,7 +8,7 @@ r"""Runs (or resumes) a BlockQNN search.
 
 Running the same command on the same workdir continues where it stopped. Before anything is
 written, the settings, the workdir, the data and one small reference block are checked
-(``blockqnn_jax.preflight``); a mistake ends in one line on stderr and exit status 2
+(``blockqnn_jax.search.preflight``); a mistake ends in one line on stderr and exit status 2
 (``--verbose`` adds the traceback), and a workdir that did not exist is not made.
 """
 
@@ -17,19 +17,18 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from absl import flags
+from absl import flags, logging
 import jax
-from absl import logging
 from ml_collections import config_flags
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import executors
-from blockqnn_jax import preflight
-from blockqnn_jax import search as search_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import workdir_lock
-from blockqnn_jax.settings import SearchSettings
-from blockqnn_jax.training import candidate as candidate_lib
+from blockqnn_jax.data import search_data, stream
+from blockqnn_jax.executors import factory as executors
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.search import preflight
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage import workdir_lock
+from blockqnn_jax.training import compile_cache as compile_cache_lib
 from experiments import user_errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar.py:smoke',
@@ -86,9 +85,9 @@ def main(argv):
       # data loads. run_search takes it again on this thread (the lock is re-entrant).
       holding.enter_context(workdir_lock.WorkdirLock(workdir, purpose='search'))
       _check_store(workdir)
-    splits = data_lib.load_search_data(settings.data, settings.network,
-                                       settings.data.holdout(settings.seed))
-    if isinstance(splits, data_lib.OpenStream):
+    splits = search_data.load_search_data(settings.data, settings.network,
+                                          settings.data.holdout(settings.seed))
+    if isinstance(splits, stream.OpenStream):
       logging.info('data %s (streamed): %d train / %d validation images at %s', splits.name,
                    len(splits.train_indices), len(splits.val_indices), splits.image_shape)
     else:
@@ -102,7 +101,7 @@ def main(argv):
       holding.enter_context(workdir_lock.WorkdirLock(workdir, purpose='search'))
     # Programs of candidates in flight at a kill are reloaded, not recompiled, on resume.
     compile_cache = workdir.resolve() / 'compile_cache'
-    candidate_lib.enable_persistent_compilation_cache(compile_cache)
+    compile_cache_lib.enable_persistent_compilation_cache(compile_cache)
     shared = search_lib.open_eval_cache(settings, splits, jax.default_backend())
     if shared is not None:
       holding.callback(shared.close)

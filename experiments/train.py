@@ -17,13 +17,11 @@ from __future__ import annotations
 import logging as std_logging
 import signal
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from blockqnn_jax.settings import FinalSettings
-from blockqnn_jax.training import final
+from blockqnn_jax.settings.final import FinalSettings
+from blockqnn_jax.training.final import block_choice, driver, workdir
 from experiments import user_errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar_final.py:smoke',
@@ -56,11 +54,11 @@ def main(argv):
   # The config is read here, once; everything below takes the typed settings.
   settings = FinalSettings.from_config(_CONFIG.value)
   # A block that cannot be found is refused before the workdir is made.
-  final.resolve_block(settings)
+  block_choice.resolve_block(settings)
   # A scheduler's SIGTERM (preemption) unwinds like Ctrl-C: the last finished epoch is saved.
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
-  result = final.train_and_evaluate(settings, _WORKDIR.value,
-                                    max_epochs_this_run=_MAX_EPOCHS.value)
+  result = driver.train_and_evaluate(settings, _WORKDIR.value,
+                                     max_epochs_this_run=_MAX_EPOCHS.value)
   if not result.complete:
     print(f'stopped after epoch {result.epochs}; run the same command to continue')
     return
@@ -70,7 +68,7 @@ def main(argv):
         f'{"" if val is None else f", validation accuracy {val:.4f}"}, '
         f'{result.params:,} params, {result.flops / 1e6:,.1f} MFLOPs/image, '
         f'{result.epochs} epochs, {result.wall_s:.0f} s')
-  print(f'results: {_WORKDIR.value}/{final.FINAL_FILE}')
+  print(f'results: {_WORKDIR.value}/{workdir.FINAL_FILE}')
 
 
 if __name__ == '__main__':

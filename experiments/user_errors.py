@@ -22,8 +22,7 @@ import sys
 import traceback
 from typing import Callable
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 EXIT_STATUS = 2  # 1 is what Python gives an uncaught exception, a bug
 
@@ -35,19 +34,19 @@ _VERBOSE = flags.DEFINE_bool('verbose', False,
 USER_ERRORS: dict[str, tuple[str, str]] = {
     'blockqnn_jax.settings.base.SettingsError': (
         'config', 'fix that --config. flag or the config file'),
-    'blockqnn_jax.preflight.PreflightError': ('preflight', ''),
+    'blockqnn_jax.search.preflight.PreflightError': ('preflight', ''),
     'blockqnn_jax.data.splits.DataError': ('data', 'fix the --config.data. flags'),
-    'blockqnn_jax.nsc.NSCError': ('invalid block', "fix the block's NSC text"),
-    'blockqnn_jax.study.StudyError': ('study', ''),
-    'blockqnn_jax.store.StoreError': ('workdir', 'move it away or use another --workdir'),
-    'blockqnn_jax.workdir_lock.WorkdirBusy': ('workdir busy', ''),
+    'blockqnn_jax.nsc.grammar.NSCError': ('invalid block', "fix the block's NSC text"),
+    'blockqnn_jax.search.study.StudyError': ('study', ''),
+    'blockqnn_jax.storage.store.StoreError': ('workdir', 'move it away or use another --workdir'),
+    'blockqnn_jax.storage.workdir_lock.WorkdirBusy': ('workdir busy', ''),
     'blockqnn_jax.settings.base.ConfigMismatch': ('config', ''),
-    'blockqnn_jax.results.SearchFailed': (
+    'blockqnn_jax.storage.results.SearchFailed': (
         'search stopped', 'fix that and run the same command: the search resumes from its '
         'workdir'),
     'blockqnn_jax.training.final.block_choice.BlockNotFound': ('no block to retrain', ''),
-    'blockqnn_jax.export.ExportError': ('export', ''),
-    'blockqnn_jax.results.Diverged': (
+    'blockqnn_jax.export.writer.ExportError': ('export', ''),
+    'blockqnn_jax.storage.results.Diverged': (
         'diverged', 'lower --config.train.learning_rate; the run resumes from its last '
         'checkpoint'),
     'builtins.FileNotFoundError': ('not found', 'check the path'),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from blockqnn_jax import nsc
+from blockqnn_jax.nsc import grammar as nsc
 
 # Small enough that hypothesis explores it well, with every layer type present.
 SMALL_GRAMMAR = nsc.Grammar(max_index=8, conv_kernels=(1, 3), max_pool_kernels=(3,),

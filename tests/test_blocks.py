@@ -8,13 +8,12 @@ import hypothesis
 from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
+import nsc_examples
 import numpy as np
 import pytest
 
-from blockqnn_jax import blocks
-from blockqnn_jax import cost
-from blockqnn_jax import nsc
-import nsc_examples
+from blockqnn_jax.models import blocks, cost
+from blockqnn_jax.nsc import grammar as nsc
 
 RESIDUAL = nsc.RESIDUAL_BLOCK
 INCEPTION = nsc.INCEPTION_BLOCK

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
-from hypothesis import given
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 import networkx as nx
+from nsc_examples import NARROW_GRAMMAR, SMALL_GRAMMAR, renumberings, valid_blocks
+import numpy as np
 import pytest
 
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
-from nsc_examples import NARROW_GRAMMAR
-from nsc_examples import renumberings
-from nsc_examples import SMALL_GRAMMAR
-from nsc_examples import valid_blocks
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
 
 # Grammars of every size the brief cares about, so hypothesis mixes short and long blocks.
 GRAMMARS = st.integers(4, 10).map(

@@ -3,9 +3,8 @@ only where it says it does."""
 
 import pytest
 
-from blockqnn_jax import settings as settings_lib
-from blockqnn_jax.settings import SearchSettings
-from benchmarks import cpu_comparison
+from blockqnn_jax.settings import agent, base
+from blockqnn_jax.settings.search import SearchSettings
 from configs import cifar
 
 
@@ -20,19 +19,17 @@ def test_every_preset_builds(preset):
 
 def test_the_gpu_preset_is_the_papers_search_with_the_fast_agent_and_a_budget():
   paper, gpu = _settings('paper'), _settings('gpu')
-  changed = settings_lib.differences(paper, gpu)
+  changed = base.differences(paper, gpu)
   assert {k.split('.')[0] for k in changed} == {'preset', 'agent', 'search'}
   assert {k for k in changed if k.startswith('search.')} == {'search.epsilon_schedule',
                                                             'search.budget', 'search.confirm'}
   assert gpu.search.budget == 1000 and gpu.search.distinct_budget == 1000
-  assert gpu.agent == settings_lib.FAST_AGENT
+  assert gpu.agent == agent.FAST_AGENT
   # The fast agent confirms a challenger before keeping it; the paper's never retrains.
-  assert gpu.search.confirm == settings_lib.FAST_CONFIRM and paper.search.confirm == 1
+  assert gpu.search.confirm == agent.FAST_CONFIRM and paper.search.confirm == 1
   # At the cpu preset the rule's kept blocks retrained worse (results/README.md section 4),
-  # so the cpu preset's fast agent keeps the best single reward; the comparison that measured
-  # it names the rule explicitly.
+  # so the cpu preset's fast agent keeps the best single reward.
   assert _settings('cpu').search.confirm == 1
-  assert 'search.confirm=3' in cpu_comparison.OVERRIDES['qlearning_fast+confirm']
   # Enough proposals for the budget even if a third of them were repeats.
   assert gpu.search.schedule.num_iterations * gpu.search.blocks_per_iteration >= 1500
   assert (gpu.network.num_blocks, gpu.network.features, gpu.train.epochs,

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from blockqnn_jax import confirm as cf
+from blockqnn_jax.settings import agent
+from blockqnn_jax.strategies import confirm as cf
 
-RULE = cf.Confirm(max_evaluations=3, slack=0.0, decisive=3.0, min_repeats=2)
+RULE = agent.Confirm(max_evaluations=3, slack=0.0, decisive=3.0, min_repeats=2)
 
 
 @pytest.mark.parametrize('mean_c, n_c, mean_i, n_i, ss, df, expected', [
@@ -35,7 +36,7 @@ def test_next_action_by_hand(mean_c, n_c, mean_i, n_i, ss, df, expected):
 
 def test_slack_keeps_a_close_challenger_in():
   # se of the gap = sqrt(0.01 * (1 + 1/2)) = 0.1225: 0.05 behind is within one se.
-  loose = cf.Confirm(max_evaluations=3, slack=1.0, decisive=3.0, min_repeats=2)
+  loose = agent.Confirm(max_evaluations=3, slack=1.0, decisive=3.0, min_repeats=2)
   assert int(cf.next_action(loose, 0.45, 1, 0.50, 2, 0.02, 2)) == cf.AGAIN
   assert int(cf.next_action(RULE, 0.45, 1, 0.50, 2, 0.02, 2)) == cf.DROP
 
@@ -69,8 +70,8 @@ def test_evidence_matches_numpy():
 
 def test_settings_validate():
   with pytest.raises(ValueError, match='max_evaluations'):
-    cf.Confirm(max_evaluations=0)
-  assert not cf.OFF.active and RULE.active
+    agent.Confirm(max_evaluations=0)
+  assert not agent.OFF.active and RULE.active
 
 
 def test_kept_describes_its_evidence():

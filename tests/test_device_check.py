@@ -15,14 +15,15 @@ import sys
 
 import pytest
 
-from benchmarks import device_check
+from benchmarks.device_check import plan as plan_lib
+from benchmarks.device_check import runner, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _smallest(**changes) -> device_check.Plan:
+def _smallest(**changes) -> plan_lib.Plan:
   # In this process: no persistent cache, which is process-wide state other tests share.
-  return dataclasses.replace(device_check.plan_for('smallest'), cache_everywhere=False,
+  return dataclasses.replace(plan_lib.plan_for('smallest'), cache_everywhere=False,
                              **changes)
 
 
@@ -50,14 +51,14 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   report = json.loads(out.read_text())  # strict JSON: NaN would not parse back as a number
 
   assert report['complete'] is True
-  for key in device_check.REPORT_KEYS + ('device', 'jax_version', 'settings', 'timings',
-                                         'targets', 'memory_timeline'):
+  for key in plan_lib.REPORT_KEYS + ('device', 'jax_version', 'settings', 'timings',
+                                     'targets', 'memory_timeline'):
     assert key in report, key
-  for key in device_check.REPORT_KEYS:
+  for key in plan_lib.REPORT_KEYS:
     assert report[key]['status'] == 'ok', (key, report[key])
   assert report['device']['kind'] and report['device']['platform'] == 'cpu'
   assert report['settings']['data']['source'] == 'digits'
-  for name in device_check.SECTION_KEYS:
+  for name in plan_lib.SECTION_KEYS:
     timing = report['timings'][name]
     assert timing['status'] == 'ok' and timing['budget_s'] == 600
     assert 0 < timing['elapsed_s'] <= report['timings']['total_s']
@@ -122,25 +123,25 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   assert targets['met_serial'] is (per_hour['projected_45k'] >= 300)
   outside = share['without_cache']['projected_45k']['outside_train_share']
   assert targets['met_outside_train_share'] is (outside <= 0.25)
-  assert 'candidates/hour' in device_check.format_table(report)
+  assert 'candidates/hour' in tables.format_table(report)
   assert report['settings']['cache_everywhere'] is True
 
 
 def test_full_plan_fits_eight_minutes():
-  plan = device_check.plan_for('full')
+  plan = plan_lib.plan_for('full')
   assert (plan.epochs, plan.batch_size, plan.features, plan.num_blocks) == (12, 256, 32, 2)
-  assert set(dict(plan.budgets)) == set(device_check.SECTION_KEYS)
+  assert set(dict(plan.budgets)) == set(plan_lib.SECTION_KEYS)
   # 20 s of start-up plus every box ends before the deadline, the watchdog after it.
   assert 20 + sum(b for _, b in plan.budgets) <= plan.deadline_s < plan.hard_deadline_s < 480
   assert max(plan.workers) == 4 and len(set(plan.pool)) >= 2 * max(plan.workers)
-  shorter = device_check.plan_for('full', time_limit_s=240)
+  shorter = plan_lib.plan_for('full', time_limit_s=240)
   assert shorter.hard_deadline_s == pytest.approx(plan.hard_deadline_s / 2)
 
 
 def test_a_spent_deadline_skips_every_section_with_a_reason(tmp_path):
   plan = _smallest(deadline_s=0.0)
-  report = device_check.run(plan, 'digits', tmp_path / 'dc.json')
-  for key in device_check.REPORT_KEYS:
+  report = runner.run(plan, 'digits', tmp_path / 'dc.json')
+  for key in plan_lib.REPORT_KEYS:
     assert report[key]['status'] == 'skipped' and report[key]['reason'], key
   assert json.loads((tmp_path / 'dc.json').read_text())['complete'] is True
 
@@ -155,8 +156,8 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypat
 
   from benchmarks.device_check import runner
   monkeypatch.setattr(runner, 'SECTIONS', (('dtypes', broken), ('compile_ahead', fine)))
-  report = device_check.run(_smallest(), 'digits', tmp_path / 'dc.json',
-                            sections=['dtypes', 'compile_ahead'])
+  report = runner.run(_smallest(), 'digits', tmp_path / 'dc.json',
+                      sections=['dtypes', 'compile_ahead'])
   assert report['dtypes']['status'] == 'error'
   assert 'out of device memory' in report['dtypes']['error']
   assert report['compile_ahead']['status'] == 'ok'
@@ -165,8 +166,8 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path, monkeypat
 
 def test_missing_npz_falls_back_only_at_toy_sizes(tmp_path):
   missing = f'npz:{tmp_path}/absent.npz'
-  splits, info = device_check.load_data(missing, device_check.plan_for('smallest'))
+  splits, info = runner.load_data(missing, plan_lib.plan_for('smallest'))
   assert info['source'] == 'digits' and 'absent' in info['note']
   assert splits.image_shape == (8, 8, 1)
   with pytest.raises(FileNotFoundError, match='carry'):
-    device_check.load_data(missing, device_check.plan_for('full'))
+    runner.load_data(missing, plan_lib.plan_for('full'))

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import pytest
 
-from blockqnn_jax import canonical
-from blockqnn_jax import eval_cache
-from blockqnn_jax import search as search_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import eval_cache
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage.results import EvalResult
 from configs import cifar
 from tests.test_search import ScoringExecutor, _config
 
@@ -52,8 +52,8 @@ def test_the_first_result_stored_is_the_one_everybody_reads(tmp_path):
 
 
 def _splits(seed=0):
-  from blockqnn_jax import data as data_lib
-  return data_lib.load_splits('digits', validation_size=100, seed=seed, max_train=400)
+  from blockqnn_jax.data import readers
+  return readers.load_splits('digits', validation_size=100, seed=seed, max_train=400)
 
 
 def test_the_fidelity_covers_settings_and_data_but_not_how_it_is_compiled():
@@ -85,8 +85,8 @@ def test_block_seeds_depend_on_the_block_only():
 
 _WRITER = textwrap.dedent('''
     import json, sys, time
-    from blockqnn_jax import eval_cache
-    from blockqnn_jax.results import EvalResult
+    from blockqnn_jax.storage import eval_cache
+    from blockqnn_jax.storage.results import EvalResult
     path, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
     cache = eval_cache.EvalCache(path, 'fid')
     while time.time() < start:  # both processes write at the same moment

@@ -11,21 +11,18 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockqnn_jax import architecture
-from blockqnn_jax import cost
-from blockqnn_jax import export
-from blockqnn_jax import networks
-from blockqnn_jax import nsc
-from blockqnn_jax import search as search_lib
-from blockqnn_jax.settings import FinalSettings
-from blockqnn_jax.settings import SearchSettings
-from blockqnn_jax.training import final as final_lib
-from configs import cifar
-from configs import cifar_final
+from blockqnn_jax.export import writer
+from blockqnn_jax.models import architecture, cost, networks
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.settings.final import FinalSettings
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.training.final import driver
+from blockqnn_jax.training.final import workdir as workdir_lib
+from configs import cifar, cifar_final
 from tests.test_search import ScoringExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,9 +117,9 @@ def exported(tmp_path_factory):
                                                                            channels)
     mean = np.linspace(100, 130, channels, dtype=np.float32)
     std = np.linspace(50, 70, channels, dtype=np.float32)
-    for fmt in export.FORMATS:
+    for fmt in writer.FORMATS:
       folder = root / fmt / f'{name}_{net_name}'
-      export.write(spec, folder, fmt, variables, source='a test', normalisation=(mean, std))
+      writer.write(spec, folder, fmt, variables, source='a test', normalisation=(mean, std))
       np.save(folder / 'images.npy', np.asarray(images))
       np.save(folder / 'logits.npy', logits)
       np.save(folder / 'pixels.npy', pixels)
@@ -222,8 +219,8 @@ def retrained(tmp_path_factory):
   config.data.validation_size = 60
   config.train.update(epochs=1, batch_size=60, eval_batch_size=60, warmup_epochs=0.0)
   settings = FinalSettings.from_config(config)
-  final_lib.train_and_evaluate(settings, workdir)
-  state = final_lib.restore_checkpoint(workdir)['state']
+  driver.train_and_evaluate(settings, workdir)
+  state = workdir_lib.restore_checkpoint(workdir)['state']
   return workdir, {'params': state['params'], 'batch_stats': state['batch_stats']}, settings
 
 
@@ -241,7 +238,7 @@ def test_a_retraining_exports_with_its_trained_weights(retrained, tmp_path):
   np.save(tmp_path / 'images.npy', images)
   np.save(tmp_path / 'logits.npy', np.asarray(
       networks.build(spec).apply(variables, images, train=False)))
-  splits = final_lib.load_data(settings)
+  splits = workdir_lib.load_data(settings)
   mean, std = splits.channel_stats()
   pixels = splits.test_images[:5]
   np.save(tmp_path / 'pixels.npy', pixels)

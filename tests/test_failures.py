@@ -23,14 +23,14 @@ import jax
 import numpy as np
 import pytest
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import preflight
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import workdir_lock
-from blockqnn_jax.settings import FinalSettings, SearchSettings
-from blockqnn_jax.training import final as final_lib
-from configs import cifar
-from configs import cifar_final
+from blockqnn_jax.data import readers
+from blockqnn_jax.search import preflight
+from blockqnn_jax.settings.final import FinalSettings
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage import workdir_lock
+from blockqnn_jax.training.final import driver
+from configs import cifar, cifar_final
 from experiments import user_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_retraining_holds_its_workdir(tmp_path):
   taken.wait()
   try:
     with pytest.raises(workdir_lock.WorkdirBusy, match='in use by a search in pid'):
-      final_lib.train_and_evaluate(settings, tmp_path)
+      driver.train_and_evaluate(settings, tmp_path)
   finally:
     done.set()
     holder.join()
@@ -250,7 +250,7 @@ def _settings(**sections) -> SearchSettings:
 
 @pytest.fixture(scope='module')
 def digits():
-  return data_lib.load_splits('digits', validation_size=200, max_train=1000)
+  return readers.load_splits('digits', validation_size=200, max_train=1000)
 
 
 def test_the_batch_must_fit_the_training_split(digits):

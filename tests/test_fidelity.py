@@ -11,8 +11,8 @@ import pytest
 from scipy import stats
 
 from benchmarks import fidelity
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
 
 ROOT = Path(__file__).resolve().parents[1]
 

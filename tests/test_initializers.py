@@ -5,10 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockqnn_jax import architecture
-from blockqnn_jax import initializers
-from blockqnn_jax import networks
-from blockqnn_jax import nsc
+from blockqnn_jax.models import architecture, initializers, networks
+from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.training import engine
 
 

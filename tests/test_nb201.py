@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from blockqnn_jax import baselines as bl
-from blockqnn_jax import confirm as cf
-from blockqnn_jax import nb201
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax import strategies as st
-from blockqnn_jax.settings import AgentSettings
+from benchmarks import nb201_baselines as bl
+from benchmarks import nb201_space as nb201
+from blockqnn_jax.settings import agent as agent_lib
+from blockqnn_jax.settings.agent import AgentSettings
+from blockqnn_jax.strategies import evolution, local_search, qlearner, random_search
+from blockqnn_jax.strategies import qlearning as ql
 
 COLUMNS = [*nb201.DATASET_COLUMNS.values(), nb201.ARCH_COLUMN, 'UniqueString']
 
@@ -165,7 +165,8 @@ def test_evaluator_counts_distinct(table):
 # -- strategies on the table (baselines) ----------------------------------------------------
 
 def test_random_search_budget_and_improvement(table):
-  result = bl.search_batch(st.RandomSearch(), table.by_code('cifar10'), [10, 200], range(20))
+  result = bl.search_batch(random_search.RandomSearch(), table.by_code('cifar10'), [10, 200],
+                           range(20))
   assert result.traces.shape == (1, 2, 20, 200)
   assert (result.queries == np.asarray([10, 200])[None, :, None]).all()
   assert (np.diff(result.traces, axis=-1) >= 0).all()
@@ -177,7 +178,7 @@ def test_random_search_budget_and_improvement(table):
 
 
 def test_evolution_budget_and_improvement(table):
-  result = bl.search_batch(st.AgingEvolution(), table.by_code('cifar10'), [12, 150],
+  result = bl.search_batch(evolution.AgingEvolution(), table.by_code('cifar10'), [12, 150],
                            range(10))
   assert (result.queries == np.asarray([12, 150])[None, :, None]).all()
   finals = result.best(1, 150)
@@ -187,30 +188,30 @@ def test_evolution_budget_and_improvement(table):
   assert np.isclose(finals, table.optimum('cifar10')).mean() >= 0.5
   assert finals.mean() > result.best(0, 12).mean()
   with pytest.raises(ValueError):
-    st.AgingEvolution(population=3, sample=4)
+    evolution.AgingEvolution(population=3, sample=4)
 
 
 def test_datasets_are_lanes_of_one_search(table):
   tables = np.stack([table.by_code(d) for d in ('cifar10', 'imagenet16')])
-  both = bl.search_batch(st.LocalSearch(), tables, 30, range(3))
-  alone = bl.search_batch(st.LocalSearch(), tables[1], 30, range(3))
+  both = bl.search_batch(local_search.LocalSearch(), tables, 30, range(3))
+  alone = bl.search_batch(local_search.LocalSearch(), tables[1], 30, range(3))
   np.testing.assert_array_equal(both.traces[1], alone.traces[0])
   # The fake imagenet16 column is cifar10 - 40: the same moves, shifted.
   np.testing.assert_allclose(both.traces[0] - 40, both.traces[1], atol=1e-4)
 
 
 def test_qlearner_respects_budget(table):
-  result = bl.search_batch(st.QLearner(), table.by_code('cifar10'), 40, range(4), batch=8)
+  result = bl.search_batch(qlearner.QLearner(), table.by_code('cifar10'), 40, range(4), batch=8)
   assert result.traces.shape == (1, 1, 4, 40)
   assert (result.queries == 40).all()
   assert (np.diff(result.traces, axis=-1) >= 0).all()
-  trace = bl.search(st.QLearner(), table, 25, 3, batch=8)
+  trace = bl.search(qlearner.QLearner(), table, 25, 3, batch=8)
   assert trace.shape == (25,) and (np.diff(trace) >= 0).all()
 
 
 def test_qlearner_stops_at_iteration_cap(table):
   # ε = 0 and a tiny cap: the greedy agent resamples few cells and must stop anyway.
-  greedy = st.QLearner(schedule=ql.EpsilonSchedule(((0.0, 1),)))
+  greedy = qlearner.QLearner(schedule=agent_lib.EpsilonSchedule(((0.0, 1),)))
   result = bl.search_batch(greedy, table.by_code('cifar10'), 200, range(3), batch=8,
                            max_iterations_factor=1)
   assert (result.iterations <= 25).all()
@@ -221,8 +222,8 @@ def test_qlearner_finds_planted_optimum(table):
   # A faster learner (α=0.3) on the additive landscape, the paper's schedule shortened to
   # the budget: the greedy phase must reach the all-nor_conv_3x3 cell, which uniform
   # sampling finds with p ~ 300/15625 per search.
-  agent = st.QLearner(AgentSettings(alpha=0.3, budget_sized=True,
-                                    schedule_unit='iterations'), budget=300)
+  agent = qlearner.QLearner(AgentSettings(alpha=0.3, budget_sized=True,
+                                          schedule_unit='iterations'), budget=300)
   result = bl.search_batch(agent, table.by_code('cifar10'), 300, range(8), batch=8)
   found = np.isclose(result.best(0, 300), table.optimum('cifar10'))
   assert found.mean() >= 0.75
@@ -248,14 +249,14 @@ def test_noise_sigma_is_k_times_the_spread_of_the_top_tenth():
 
 
 def test_without_noise_the_kept_cell_is_the_best_trained(table):
-  result = bl.search_batch(st.LocalSearch(), table.by_code('cifar10'), 40, range(6))
+  result = bl.search_batch(local_search.LocalSearch(), table.by_code('cifar10'), 40, range(6))
   np.testing.assert_array_equal(result.kept, result.traces)
 
 
 def test_noise_changes_what_is_kept_not_what_a_blind_search_trains(table):
   acc = table.by_code('cifar10')
-  clean = bl.search_batch(st.RandomSearch(), acc, 60, range(8))
-  noisy = bl.search_batch(st.RandomSearch(), acc, 60, range(8), noise=3.0)
+  clean = bl.search_batch(random_search.RandomSearch(), acc, 60, range(8))
+  noisy = bl.search_batch(random_search.RandomSearch(), acc, 60, range(8), noise=3.0)
   # Random search ignores rewards: the same cells, the same best true accuracy...
   np.testing.assert_array_equal(clean.traces, noisy.traces)
   # ...but the cell it keeps is the best observed, which is never better than the best.
@@ -265,8 +266,8 @@ def test_noise_changes_what_is_kept_not_what_a_blind_search_trains(table):
 
 def test_the_confirm_rule_spends_the_budget_on_reevaluations(table):
   acc = table.by_code('cifar10')
-  agent = st.fast_qlearner(60, tried_capacity=130)
-  rule = cf.Confirm(max_evaluations=3)
+  agent = qlearner.fast_qlearner(60, tried_capacity=130)
+  rule = agent_lib.Confirm(max_evaluations=3)
   off = bl.search_batch(agent, acc, 60, range(8), noise=1.0)
   on = bl.search_batch(agent, acc, 60, range(8), noise=1.0, confirm=rule)
   assert (on.queries == 60).all() and (off.queries == 60).all()

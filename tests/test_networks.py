@@ -10,10 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockqnn_jax import architecture
-from blockqnn_jax import cost
-from blockqnn_jax import networks
-from blockqnn_jax import nsc
+from blockqnn_jax.models import architecture, cost, networks
+from blockqnn_jax.nsc import grammar as nsc
 
 RESIDUAL = nsc.RESIDUAL_BLOCK
 INCEPTION = nsc.INCEPTION_BLOCK

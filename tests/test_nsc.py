@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from nsc_examples import SMALL_GRAMMAR, valid_blocks
 import pytest
 
-from blockqnn_jax import nsc
-from nsc_examples import SMALL_GRAMMAR
-from nsc_examples import valid_blocks
+from blockqnn_jax.nsc import grammar as nsc
 
 GRAMMARS = st.integers(2, 10).map(lambda t: nsc.Grammar(max_index=t))
 ANY_BLOCK = GRAMMARS.flatmap(lambda g: st.tuples(st.just(g), valid_blocks(g)))

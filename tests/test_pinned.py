@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from blockqnn_jax import search as search_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
 from configs import cifar
 from tests.test_search import ScoringExecutor
 

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockqnn_jax import nsc
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax import reference
-from blockqnn_jax import space as space_lib
+from benchmarks import qlearning_reference as reference
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.settings import agent
+from blockqnn_jax.strategies import qlearning as ql
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +58,7 @@ def _q_of(q, space, states, t):
 def test_update_matches_hand_values(space4, shaping, expected):
   block = nsc.parse('1,1,3,0,0 2,7,0,0,0')
   traj = _trajectories(space4, [block])
-  config = ql.QLearningConfig(reward_shaping=shaping)
+  config = agent.QLearningConfig(reward_shaping=shaping)
   q = ql.q_update(ql.init_q(space4), space4, traj, jnp.asarray([0.8]), config)
   states = _encode(space4, block)
   np.testing.assert_allclose([_q_of(q, space4, states, 0), _q_of(q, space4, states, 1)],
@@ -73,7 +74,7 @@ def test_update_three_layers_by_hand(space4):
   #   Q(conv, id)     = 0.5*0.5 + 0.5*(0.3 + 0.9*0.5)       = 0.625 (id's other actions: 0.5)
   #   Q(start, conv)  = 0.5*0.5 + 0.5*(0.3 + 0.9*0.625)     = 0.25 + 0.43125 = 0.68125
   block = nsc.parse('1,1,3,0,0 2,4,0,1,0 3,7,0,0,0')
-  config = ql.QLearningConfig(alpha=0.5, gamma=0.9)
+  config = agent.QLearningConfig(alpha=0.5, gamma=0.9)
   q = ql.q_update(ql.init_q(space4), space4, _trajectories(space4, [block]),
                   jnp.asarray([0.9]), config)
   states = _encode(space4, block)
@@ -97,7 +98,7 @@ def test_batch_update_equals_dict_oracle(seed, shaping, max_index):
   for path, reward in zip(paths, rewards):
     oracle.update(path, reward)
   blocks = [nsc.Block.from_tuples(p[1:]) for p in paths]
-  config = ql.QLearningConfig(alpha=0.3, gamma=0.9, reward_shaping=shaping)
+  config = agent.QLearningConfig(alpha=0.3, gamma=0.9, reward_shaping=shaping)
   q = ql.q_update(ql.init_q(space), space, _trajectories(space, blocks),
                   jnp.asarray(rewards, jnp.float32), config)
   for state, row in oracle.q.items():
@@ -168,7 +169,7 @@ def test_replay_reapplies_the_update(space4):
   block = nsc.parse('1,1,3,0,0 2,7,0,0,0')
   traj = _trajectories(space4, [block])
   rewards = jnp.asarray([0.8])
-  config = ql.QLearningConfig(replay_size=3)
+  config = agent.QLearningConfig(replay_size=3)
   memory = ql.remember(ql.init_memory(space4, 10), traj, rewards)
   replayed = ql.replay_update(jax.random.PRNGKey(0), ql.init_q(space4), space4, memory, config)
   expected = ql.init_q(space4)
@@ -179,7 +180,7 @@ def test_replay_reapplies_the_update(space4):
 
 def test_replay_of_empty_memory_changes_nothing(space4):
   q = ql.replay_update(jax.random.PRNGKey(0), ql.init_q(space4), space4,
-                       ql.init_memory(space4, 4), ql.QLearningConfig())
+                       ql.init_memory(space4, 4), agent.QLearningConfig())
   np.testing.assert_array_equal(q, ql.init_q(space4))
 
 
@@ -196,7 +197,7 @@ def test_learn_is_remember_update_replay(space4):
   key = jax.random.PRNGKey(4)
   traj = ql.sample_blocks(key, ql.init_q(space4), space4, 1.0, 5)
   rewards = jnp.linspace(0.1, 0.5, 5)
-  config = ql.QLearningConfig(replay_size=7)
+  config = agent.QLearningConfig(replay_size=7)
   q, memory = ql.learn(key, ql.init_q(space4), ql.init_memory(space4, 16), space4, traj,
                        rewards, config)
   expected_memory = ql.remember(ql.init_memory(space4, 16), traj, rewards)
@@ -207,7 +208,7 @@ def test_learn_is_remember_update_replay(space4):
 
 
 def test_paper_epsilon_schedule():
-  schedule = ql.EpsilonSchedule()
+  schedule = agent.EpsilonSchedule()
   assert schedule.num_iterations == 178  # 11,392 blocks at 64 per iteration
   eps = np.asarray(ql.epsilon_at(schedule, jnp.arange(180)))
   assert (eps[:95] == 1.0).all() and (eps[95:102] == np.float32(0.9)).all()
@@ -218,10 +219,10 @@ def test_paper_epsilon_schedule():
 
 
 def test_scaled_schedule_keeps_proportions_and_total():
-  scaled = ql.EpsilonSchedule().scaled(89)  # half the paper's length
+  scaled = agent.EpsilonSchedule().scaled(89)  # half the paper's length
   assert scaled.num_iterations == 89
   assert scaled.phases[0] == (1.0, 48) or scaled.phases[0] == (1.0, 47)
-  assert [e for e, _ in scaled.phases] == [e for e, _ in ql.PAPER_EPSILON_SCHEDULE]
+  assert [e for e, _ in scaled.phases] == [e for e, _ in agent.PAPER_EPSILON_SCHEDULE]
 
 
 def test_greedy_on_untouched_q_is_uniform_over_the_ties():
@@ -242,7 +243,7 @@ def test_monotone_update_never_lowers_q(space4):
   states = _encode(space4, block)
   rewards = jnp.asarray([0.8, 0.3])
   for monotone, expected in ((False, 0.3), (True, 0.8)):
-    config = ql.QLearningConfig(alpha=1.0, q_init=0.0, reward_shaping=False, monotone=monotone)
+    config = agent.QLearningConfig(alpha=1.0, q_init=0.0, reward_shaping=False, monotone=monotone)
     q = ql.q_update(ql.init_q(space4, 0.0), space4, traj, rewards, config)
     assert _q_of(q, space4, states, 1) == pytest.approx(expected)
     assert _q_of(q, space4, states, 0) == pytest.approx(expected)  # max over its successor
@@ -254,7 +255,7 @@ def test_monotone_greedy_block_is_the_best_block(space4):
   blocks = [nsc.parse('1,1,3,0,0 2,1,1,1,0 3,7,0,0,0'),   # the best, R = 0.9
             nsc.parse('1,1,3,0,0 2,2,3,1,0 3,7,0,0,0'),   # shares layer 1, R = 0.2
             nsc.parse('1,4,0,0,0 2,1,1,1,0 3,7,0,0,0')]   # shares layer 2, R = 0.1
-  config = ql.QLearningConfig(alpha=1.0, q_init=0.0, replay_size=0, monotone=True)
+  config = agent.QLearningConfig(alpha=1.0, q_init=0.0, replay_size=0, monotone=True)
   q = ql.q_update(ql.init_q(space4, 0.0), space4, _trajectories(space4, blocks),
                   jnp.asarray([0.9, 0.2, 0.1]), config)
   traj = ql.sample_blocks(jax.random.PRNGKey(0), q, space4, 0.0, 16)

@@ -10,12 +10,12 @@ import pytest
 
 ray = pytest.importorskip('ray')
 
-from blockqnn_jax import data as data_lib  # noqa: E402
-from blockqnn_jax import executors  # noqa: E402
-from blockqnn_jax import nsc  # noqa: E402
-from blockqnn_jax import search as search_lib  # noqa: E402
-from blockqnn_jax import store as store_lib  # noqa: E402
-from blockqnn_jax.settings import SearchSettings  # noqa: E402
+from blockqnn_jax.data import readers  # noqa: E402
+from blockqnn_jax.executors import factory as executors  # noqa: E402
+from blockqnn_jax.nsc import grammar as nsc  # noqa: E402
+from blockqnn_jax.search import loop as search_lib  # noqa: E402
+from blockqnn_jax.settings.search import SearchSettings  # noqa: E402
+from blockqnn_jax.storage import store as store_lib  # noqa: E402
 from configs import cifar  # noqa: E402
 from tests.test_search import paper_search  # noqa: E402
 
@@ -34,7 +34,7 @@ def cluster():
 
 @pytest.fixture(scope='module')
 def splits():
-  return data_lib.load_splits('digits', validation_size=100, seed=0, max_train=256)
+  return readers.load_splits('digits', validation_size=100, seed=0, max_train=256)
 
 
 def _config(**ray_options):

@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 import random
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
-from blockqnn_jax import report
-from blockqnn_jax import results
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.store import DB_NAME
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.report import analysis
+from blockqnn_jax.report import figures as figures_lib
+from blockqnn_jax.report import layout as layout_lib
+from blockqnn_jax.report import page as page_lib
+from blockqnn_jax.storage import results
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage.store import DB_NAME
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
@@ -139,7 +142,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='module')
 def written(workdir) -> Path:
-  return report.write_report(workdir, top_k=5)
+  return page_lib.write_report(workdir, top_k=5)
 
 
 def assert_png(path: Path, min_side: int = 150):
@@ -154,27 +157,27 @@ def assert_png(path: Path, min_side: int = 150):
 
 
 def test_load_candidates(workdir):
-  rows = report.load_candidates(workdir)
+  rows = page_lib.load_candidates(workdir)
   assert len(rows) == 8 * 8
   assert [(r.iteration, r.position) for r in rows] == sorted((r.iteration, r.position)
                                                              for r in rows)
   assert any(r.cached for r in rows)
   failed = [r for r in rows if not r.ok]
   assert failed and all(math.isnan(r.reward) and r.failure_reason for r in failed)
-  assert report.load_candidates(workdir / DB_NAME) == rows  # the file works too
+  assert page_lib.load_candidates(workdir / DB_NAME) == rows  # the file works too
 
 
 def test_top_blocks_distinct_and_sorted(workdir):
-  rows = report.load_candidates(workdir)
-  top = report.top_blocks(rows, 5)
+  rows = page_lib.load_candidates(workdir)
+  top = analysis.top_blocks(rows, 5)
   assert len(top) == 5
   rewards = [r.reward for r in top]
   assert rewards == sorted(rewards, reverse=True)
   assert len({r.canonical_key for r in top}) == 5
   best_ok = max(r.reward for r in rows if r.ok)
   assert top[0].reward == best_ok
-  assert report.top_blocks(rows, 0) == []
-  assert len(report.top_blocks(rows, 10_000)) == len({r.canonical_key for r in rows if r.ok})
+  assert analysis.top_blocks(rows, 0) == []
+  assert len(analysis.top_blocks(rows, 10_000)) == len({r.canonical_key for r in rows if r.ok})
 
 
 def test_nan_rewards_count_as_failures():
@@ -182,12 +185,12 @@ def test_nan_rewards_count_as_failures():
                           block='1,1,3,0,0 2,7,0,0,0', canonical_key='k', cached=False,
                           status='ok', reward=float('nan'))
   assert not row.ok
-  assert report.top_blocks([row], 3) == []
+  assert analysis.top_blocks([row], 3) == []
 
 
 def test_summarize(workdir):
-  rows = report.load_candidates(workdir)
-  s = report.summarize(rows)
+  rows = page_lib.load_candidates(workdir)
+  s = analysis.summarize(rows)
   assert s.candidates == 64 and s.iterations == 8
   assert s.cached == sum(r.cached for r in rows) > 0
   assert s.cache_hit_rate == pytest.approx(s.cached / 64)
@@ -201,8 +204,8 @@ def test_summarize(workdir):
 
 
 def test_epsilon_phases(workdir):
-  phases = report.epsilon_phases(report.load_candidates(workdir))
-  assert phases == [report.Phase(1.0, 0, 3), report.Phase(0.5, 4, 5), report.Phase(0.1, 6, 7)]
+  phases = analysis.epsilon_phases(page_lib.load_candidates(workdir))
+  assert phases == [analysis.Phase(1.0, 0, 3), analysis.Phase(0.5, 4, 5), analysis.Phase(0.1, 6, 7)]
 
 
 def test_report_files(written, workdir):
@@ -216,7 +219,7 @@ def test_report_files(written, workdir):
 
 def test_top_blocks_txt_and_json(written, workdir):
   out = workdir / 'report'
-  rows = report.load_candidates(workdir)
+  rows = page_lib.load_candidates(workdir)
   lines = (out / 'top_blocks.txt').read_text().splitlines()
   assert len(lines) == 5
   blocks = [nsc.parse(line) for line in lines]
@@ -243,7 +246,7 @@ def test_top_blocks_txt_and_json(written, workdir):
 
 def test_summary_page(written, workdir):
   page = written.read_text()
-  s = report.summarize(report.load_candidates(workdir))
+  s = analysis.summarize(page_lib.load_candidates(workdir))
   assert 'Cache hit rate' in page and f'{s.cache_hit_rate:.1%}' in page
   for reason, count in s.failure_reasons:
     assert reason in page
@@ -257,7 +260,7 @@ def test_summary_page(written, workdir):
 
 
 def test_out_dir(workdir, tmp_path):
-  summary = report.write_report(workdir, out_dir=tmp_path / 'elsewhere', top_k=2)
+  summary = page_lib.write_report(workdir, out_dir=tmp_path / 'elsewhere', top_k=2)
   assert summary == tmp_path / 'elsewhere' / 'summary.md'
   assert len((tmp_path / 'elsewhere' / 'top_blocks.txt').read_text().splitlines()) == 2
   assert not (tmp_path / 'elsewhere' / 'block_3.png').exists()
@@ -266,8 +269,9 @@ def test_out_dir(workdir, tmp_path):
 def sampled_block(num_layers: int) -> nsc.Block:
   """A block sampled by the agent itself (ε = 1), cut to its first ``num_layers`` layers."""
   import jax  # pylint: disable=g-import-not-at-top
-  from blockqnn_jax import qlearning  # pylint: disable=g-import-not-at-top
-  from blockqnn_jax import space as space_lib  # pylint: disable=g-import-not-at-top
+
+  from blockqnn_jax.nsc import space as space_lib  # pylint: disable=g-import-not-at-top
+  from blockqnn_jax.strategies import qlearning  # pylint: disable=g-import-not-at-top
   space = space_lib.build_space(nsc.Grammar(max_index=num_layers + 1))
   q = qlearning.init_q(space)
   for seed in range(50):
@@ -282,7 +286,7 @@ def sampled_block(num_layers: int) -> nsc.Block:
 def test_draw_block(name, tmp_path):
   block = {'residual': lambda: nsc.RESIDUAL_BLOCK, 'inception': lambda: nsc.INCEPTION_BLOCK,
            'sampled20': lambda: sampled_block(20)}[name]()
-  path = report.draw_block(block, tmp_path / f'{name}.png', title=name)
+  path = figures_lib.draw_block(block, tmp_path / f'{name}.png', title=name)
   assert path == tmp_path / f'{name}.png'
   assert_png(path, min_side=200)
 
@@ -291,43 +295,44 @@ def test_layout_points_down_and_covers_every_edge():
   rng = random.Random(3)
   for block in [nsc.RESIDUAL_BLOCK, nsc.INCEPTION_BLOCK] + [random_block(rng, 20)
                                                              for _ in range(5)]:
-    layout = report.layout_block(block)
-    edges = report.block_edges(block)
-    assert set(layout.positions) == {report.INPUT, report.OUTPUT} | {l.index for l in block.body}
+    layout = layout_lib.layout_block(block)
+    edges = layout_lib.block_edges(block)
+    assert set(layout.positions) == ({layout_lib.INPUT, layout_lib.OUTPUT}
+                                     | {l.index for l in block.body})
     assert set(layout.routes) == set(edges)
-    assert sum(1 for _, v in edges if v == report.OUTPUT) == len(block.leaves())
+    assert sum(1 for _, v in edges if v == layout_lib.OUTPUT) == len(block.leaves())
     for (u, v), route in layout.routes.items():
       assert route[0] == layout.positions[u] and route[-1] == layout.positions[v]
       ys = [y for _, y in route]
       assert all(b == a - 1 for a, b in zip(ys, ys[1:]))  # one level per step, downwards
     # No two nodes share a spot.
     assert len(set(layout.positions.values())) == len(layout.positions)
-  assert [report.node_label(l) for l in nsc.INCEPTION_BLOCK.body] == [
+  assert [layout_lib.node_label(l) for l in nsc.INCEPTION_BLOCK.body] == [
       'conv1', 'conv3', 'conv5', 'max_pool3', 'conv1']
-  assert report.node_label(nsc.Layer(2, 3, 1, 1, 0)) == 'avg_pool1'
-  assert report.node_label(nsc.Layer(2, 6, 0, 0, 1)) == 'concat'
+  assert layout_lib.node_label(nsc.Layer(2, 3, 1, 1, 0)) == 'avg_pool1'
+  assert layout_lib.node_label(nsc.Layer(2, 6, 0, 0, 1)) == 'concat'
   with pytest.raises(nsc.NSCError):
-    report.layout_block(nsc.Block.parse('1,7,0,0,0'))
+    layout_lib.layout_block(nsc.Block.parse('1,7,0,0,0'))
   with pytest.raises(nsc.NSCError):
-    report.block_edges(nsc.Block.parse('1,1,3,2,0 2,1,3,0,0 3,7,0,0,0'))
+    layout_lib.block_edges(nsc.Block.parse('1,1,3,2,0 2,1,3,0,0 3,7,0,0,0'))
 
 
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='nowhere'):
-    report.write_report(tmp_path / 'nowhere')
+    page_lib.write_report(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match=DB_NAME):
-    report.write_report(tmp_path)
+    page_lib.write_report(tmp_path)
   assert not (tmp_path / DB_NAME).exists()  # reading never creates a database
   db = sqlite3.connect(tmp_path / DB_NAME)
   db.executescript(SCHEMA)
   db.close()
   with pytest.raises(ValueError, match=str(tmp_path)):
-    report.write_report(tmp_path)
+    page_lib.write_report(tmp_path)
   other = tmp_path / 'other'
   other.mkdir()
   sqlite3.connect(other / DB_NAME).execute('CREATE TABLE x (y)').connection.close()
   with pytest.raises(ValueError, match='not a search database'):
-    report.load_candidates(other)
+    page_lib.load_candidates(other)
 
 
 def test_all_failed_still_reports(tmp_path):
@@ -340,7 +345,7 @@ def test_all_failed_still_reports(tmp_path):
                "'boom', ?, ?)", (position, int(position > 0), float('nan'), 100.0 + position))
   db.commit()
   db.close()
-  summary = report.write_report(tmp_path)
+  summary = page_lib.write_report(tmp_path)
   page = summary.read_text()
   assert 'boom' in page and 'No candidate has succeeded yet' in page
   assert (tmp_path / 'report' / 'top_blocks.txt').read_text() == ''

@@ -10,24 +10,25 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from blockqnn_jax import architecture
-from blockqnn_jax import canonical
-from blockqnn_jax import cost
-from blockqnn_jax import nsc
-from blockqnn_jax import store
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import FinalSettings
-from blockqnn_jax.training import final as final_lib
+from blockqnn_jax.models import architecture, cost
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.final import FinalSettings
+from blockqnn_jax.storage import store
+from blockqnn_jax.storage.results import EvalResult
+from blockqnn_jax.training.final import block_choice, driver
+from blockqnn_jax.settings.base import ConfigMismatch
+from blockqnn_jax.training.final import workdir as workdir_lib
 from configs import cifar_final
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +86,8 @@ def finished(tmp_path_factory, search_dir):
   """One uninterrupted run: (workdir, returned summary, epochs reported to the callback)."""
   workdir = tmp_path_factory.mktemp('finished')
   epochs = []
-  summary = final_lib.train_and_evaluate(_settings(_tiny_config(search_dir)), workdir,
-                                         on_epoch_end=lambda e, m: epochs.append(e))
+  summary = driver.train_and_evaluate(_settings(_tiny_config(search_dir)), workdir,
+                                      on_epoch_end=lambda e, m: epochs.append(e))
   return workdir, summary, epochs
 
 
@@ -145,24 +146,24 @@ def test_tensorboard_has_the_scalars(finished):
 def test_interrupted_run_resumes_from_its_checkpoint(finished, search_dir, tmp_path):
   finished_dir, finished_summary, _ = finished
   config = _tiny_config(search_dir)
-  first = final_lib.train_and_evaluate(_settings(config), tmp_path, max_epochs_this_run=1)
+  first = driver.train_and_evaluate(_settings(config), tmp_path, max_epochs_this_run=1)
   assert not first.complete and first.epochs == 1
   assert not (tmp_path / 'final.json').exists()
-  saved = final_lib.restore_checkpoint(tmp_path)
+  saved = workdir_lib.restore_checkpoint(tmp_path)
   assert saved['epoch'] == 1 and int(saved['state']['step']) == NUM_TRAIN // BATCH
 
   epochs = []
-  second = final_lib.train_and_evaluate(_settings(config), tmp_path,
-                                        on_epoch_end=lambda e, m: epochs.append(e))
+  second = driver.train_and_evaluate(_settings(config), tmp_path,
+                                     on_epoch_end=lambda e, m: epochs.append(e))
   assert epochs == [2]  # only the missing epoch ran
   assert second.complete and second.resumed_from_epoch == 1
   # Restored state and key equal the saved ones: 1 + 1 epochs end exactly where 2 did.
-  _assert_trees_equal(final_lib.restore_checkpoint(tmp_path)['state'],
-                      final_lib.restore_checkpoint(finished_dir)['state'])
+  _assert_trees_equal(workdir_lib.restore_checkpoint(tmp_path)['state'],
+                      workdir_lib.restore_checkpoint(finished_dir)['state'])
   assert second.test_accuracy == finished_summary.test_accuracy
   # A finished workdir trains nothing more: it only re-evaluates.
-  again = final_lib.train_and_evaluate(_settings(config), tmp_path,
-                                       on_epoch_end=lambda e, m: epochs.append(e))
+  again = driver.train_and_evaluate(_settings(config), tmp_path,
+                                    on_epoch_end=lambda e, m: epochs.append(e))
   assert epochs == [2] and again.test_accuracy == second.test_accuracy
   assert again.final_train_loss == second.final_train_loss
 
@@ -171,12 +172,12 @@ def test_changed_config_on_a_workdir_is_refused(finished, search_dir, tmp_path):
   workdir = finished[0]
   config = _tiny_config(search_dir)
   config.train.learning_rate = 0.2
-  with pytest.raises(final_lib.ConfigMismatch, match=r'train\.learning_rate.*allow_config_change'):
-    final_lib.train_and_evaluate(_settings(config), workdir)
+  with pytest.raises(ConfigMismatch, match=r'train\.learning_rate.*allow_config_change'):
+    driver.train_and_evaluate(_settings(config), workdir)
   # A search that moved on (another best block) is a different run too.
   moved = _fake_search(tmp_path / 'moved', lines=[f'1 0.95 {OTHER}'])
-  with pytest.raises(final_lib.ConfigMismatch, match='block'):
-    final_lib.train_and_evaluate(_settings(_tiny_config(moved)), workdir)
+  with pytest.raises(ConfigMismatch, match='block'):
+    driver.train_and_evaluate(_settings(_tiny_config(moved)), workdir)
   # Bookkeeping keys may change; allow_config_change accepts anything (on a copy of the record).
   copy = tmp_path / 'copy'
   copy.mkdir()
@@ -184,10 +185,10 @@ def test_changed_config_on_a_workdir_is_refused(finished, search_dir, tmp_path):
   block = nsc.Block.parse(SMALL)
   config = _tiny_config(search_dir)
   config.train.checkpoint_every_epochs = 1
-  final_lib.check_workdir_config(copy, _settings(config), block)
+  workdir_lib.check_workdir_config(copy, _settings(config), block)
   config.train.learning_rate = 0.2
   config.allow_config_change = True
-  final_lib.check_workdir_config(copy, _settings(config), block)
+  workdir_lib.check_workdir_config(copy, _settings(config), block)
   assert json.loads((copy / 'config.json').read_text())['config']['train']['learning_rate'] == 0.2
 
 
@@ -198,30 +199,30 @@ def test_block_from_report_or_database(tmp_path):
       '# best blocks', 'rank\treward\tnsc', f'1\t0.93\t{SMALL}', f'2\t0.92\t{SMALL}',
       f'3\t0.91\t{OTHER}'])
   config.search_workdir = str(report)
-  assert final_lib.resolve_block(_settings(config))[0].to_text() == SMALL
+  assert block_choice.resolve_block(_settings(config))[0].to_text() == SMALL
   config.rank = 2  # the second *distinct* block
-  block, source = final_lib.resolve_block(_settings(config))
+  block, source = block_choice.resolve_block(_settings(config))
   assert block.to_text() == OTHER and 'rank 2' in source
   config.rank = 3
-  with pytest.raises(final_lib.BlockNotFound, match='2 distinct'):
-    final_lib.resolve_block(_settings(config))
+  with pytest.raises(block_choice.BlockNotFound, match='2 distinct'):
+    block_choice.resolve_block(_settings(config))
 
   db = _fake_search(tmp_path / 'db', rows=[
       (OTHER, 'failed', 0.99), (SMALL, 'ok', 0.5), (OTHER, 'ok', 0.7), (SMALL, 'ok', None)])
   config.search_workdir, config.rank = str(db), 1
-  block, source = final_lib.resolve_block(_settings(config))
+  block, source = block_choice.resolve_block(_settings(config))
   assert block.to_text() == OTHER and source.startswith(str(db / 'search.sqlite'))
   config.rank = 2
-  assert final_lib.resolve_block(_settings(config))[0].to_text() == SMALL
+  assert block_choice.resolve_block(_settings(config))[0].to_text() == SMALL
 
   config.search_workdir = str(tmp_path / 'empty')
-  with pytest.raises(final_lib.BlockNotFound, match='neither'):
-    final_lib.resolve_block(_settings(config))
+  with pytest.raises(block_choice.BlockNotFound, match='neither'):
+    block_choice.resolve_block(_settings(config))
   config.block = SMALL  # both set: ambiguous
-  with pytest.raises(final_lib.BlockNotFound, match='both'):
-    final_lib.resolve_block(_settings(config))
+  with pytest.raises(block_choice.BlockNotFound, match='both'):
+    block_choice.resolve_block(_settings(config))
   config.search_workdir = ''
-  assert final_lib.resolve_block(_settings(config)) == (nsc.Block.parse(SMALL), 'config')
+  assert block_choice.resolve_block(_settings(config)) == (nsc.Block.parse(SMALL), 'config')
 
 
 @pytest.mark.slow
@@ -234,14 +235,14 @@ def test_a_block_with_a_kernel_outside_the_default_space_is_retrained(tmp_path):
   nsc.validate(nsc.Block.parse(wide), nsc.Grammar(conv_kernels=(1, 3, 5, 7)))  # ...in the search's
   search = _fake_search(tmp_path / 'search', rows=[(SMALL, 'ok', 0.5), (wide, 'ok', 0.8)])
   config = _tiny_config(search)
-  block, source = final_lib.resolve_block(_settings(config))
+  block, source = block_choice.resolve_block(_settings(config))
   assert block.to_text() == wide and 'rank 1' in source
-  result = final_lib.train_and_evaluate(_settings(config), tmp_path / 'final',
-                                        max_epochs_this_run=1)
+  result = driver.train_and_evaluate(_settings(config), tmp_path / 'final',
+                                     max_epochs_this_run=1)
   assert result.block == wide and result.epochs == 1 and not result.complete
   spec = architecture.spec_for(block, 'cifar', 1, 4, 10, (8, 8, 1))
   assert result.params == cost.network_params(spec)
-  saved = final_lib.restore_checkpoint(tmp_path / 'final')
+  saved = workdir_lib.restore_checkpoint(tmp_path / 'final')
   assert saved['epoch'] == 1 and int(saved['state']['step']) == NUM_TRAIN // BATCH
 
 
@@ -249,7 +250,7 @@ def test_a_block_with_a_kernel_outside_the_default_space_is_retrained(tmp_path):
 def test_the_cli_continues_an_interrupted_run(search_dir, tmp_path):
   """The entry point resumes what the library started (same config through the flags)."""
   config = _tiny_config(search_dir)
-  final_lib.train_and_evaluate(_settings(config), tmp_path, max_epochs_this_run=1)
+  driver.train_and_evaluate(_settings(config), tmp_path, max_epochs_this_run=1)
   command = [sys.executable, '-m', 'experiments.train', '--config=configs/cifar_final.py:smoke',
              f'--workdir={tmp_path}', '--config.block=', f'--config.search_workdir={search_dir}',
              '--config.network.features=4', '--config.data.max_train=300',

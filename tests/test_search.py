@@ -18,12 +18,13 @@ import time
 import numpy as np
 import pytest
 
-from blockqnn_jax import canonical
-from blockqnn_jax import search as search_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import AgentSettings
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.settings import base
+from blockqnn_jax.settings.agent import AgentSettings
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage.results import EvalResult
 from configs import cifar
 
 
@@ -133,7 +134,7 @@ def test_changed_config_is_refused_unless_allowed(tmp_path):
                         progress=False)
   changed = _config()
   changed.agent.alpha = 0.5
-  with pytest.raises(search_lib.ConfigMismatch, match='agent.alpha'):
+  with pytest.raises(base.ConfigMismatch, match='agent.alpha'):
     _search(changed, tmp_path, ScoringExecutor(), progress=False)
   summary = _search(changed, tmp_path, ScoringExecutor(), max_iterations=1,
                                   allow_config_change=True, progress=False)
@@ -147,9 +148,10 @@ def test_changed_config_is_refused_unless_allowed(tmp_path):
 
 _KILLABLE = textwrap.dedent('''
     import concurrent.futures, hashlib, sys, time
-    from blockqnn_jax import canonical, search
-    from blockqnn_jax.results import EvalResult
-    from blockqnn_jax.settings import SearchSettings
+    from blockqnn_jax.nsc import canonical
+    from blockqnn_jax.search import loop as search
+    from blockqnn_jax.storage.results import EvalResult
+    from blockqnn_jax.settings.search import SearchSettings
     from configs import cifar
 
     class SlowExecutor:
@@ -375,7 +377,7 @@ def test_workdir_from_before_a_config_field_existed_resumes(tmp_path):
                                   progress=False)
   assert summary.iterations_done == 2
   config.search.max_staleness = 1  # but a value other than the default is a change
-  with pytest.raises(search_lib.ConfigMismatch, match='search.max_staleness'):
+  with pytest.raises(base.ConfigMismatch, match='search.max_staleness'):
     _search(config, tmp_path, ScoringExecutor(), progress=False)
 
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from benchmarks import smoke
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
-from blockqnn_jax import search as search_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.search import loop as search_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
 from tests.test_search import ScoringExecutor
 
 

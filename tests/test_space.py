@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from blockqnn_jax import nsc
-from blockqnn_jax import space as space_lib
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
 
 
 def _all_paths(space):

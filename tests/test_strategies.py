@@ -8,14 +8,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blockqnn_jax import baselines as bl
-from blockqnn_jax import canonical
-from blockqnn_jax import nb201
-from blockqnn_jax import nsc
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax import space as space_lib
-from blockqnn_jax import strategies as st
-from blockqnn_jax.settings import AgentSettings
+from benchmarks import nb201_baselines as bl
+from benchmarks import nb201_space as nb201
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.settings import agent
+from blockqnn_jax.settings.agent import AgentSettings
+from blockqnn_jax.strategies import (
+  evolution,
+  local_search,
+  qlearner,
+  random_search,
+  registry,
+  tried,
+)
+from blockqnn_jax.strategies import paths as paths_lib
+from blockqnn_jax.strategies import qlearning as ql
+from blockqnn_jax.strategies import state as state_lib
 
 # Small enough to compile fast; identity and 1x1 pooling present, so the self-merge rule
 # (add(x, identity(x))) matters.
@@ -36,10 +46,10 @@ def nb_space():
 
 def _make(name: str):
   if name == 'qlearning_fast':
-    return st.make_strategy(name, budget=40, tried_capacity=128)
+    return registry.make_strategy(name, budget=40, tried_capacity=128)
   if name == 'evolution':
-    return st.make_strategy(name, population=4, sample=2)
-  return st.make_strategy(name)
+    return registry.make_strategy(name, population=4, sample=2)
+  return registry.make_strategy(name)
 
 
 N = 4  # proposals per ask everywhere, so that the tests share compilations
@@ -47,7 +57,7 @@ N = 4  # proposals per ask everywhere, so that the tests share compilations
 
 def _reward(states: np.ndarray) -> np.ndarray:
   """A deterministic synthetic reward per path (a hash of its states, in [0, 1))."""
-  h = np.asarray(st.path_hash(jnp.asarray(states)))[..., 0]
+  h = np.asarray(tried.path_hash(jnp.asarray(states)))[..., 0]
   return (h % 1000).astype(np.float32) / 1000
 
 
@@ -93,9 +103,9 @@ def test_every_strategy_runs_on_nb201(name, nb_space):
 def test_saved_state_gives_identical_next_proposals(name, nsc_space, tmp_path):
   strategy = _make(name)
   state, _ = _run(strategy, nsc_space, asks=4)
-  np.savez(tmp_path / 'state.npz', **st.state_arrays(state))
+  np.savez(tmp_path / 'state.npz', **state_lib.state_arrays(state))
   with np.load(tmp_path / 'state.npz') as saved:
-    restored = st.restore_state(strategy, nsc_space, dict(saved))
+    restored = state_lib.restore_state(strategy, nsc_space, dict(saved))
   chex.assert_trees_all_equal(restored, state)
   key = jax.random.PRNGKey(99)
   _, a = strategy.ask(nsc_space, state, key, N, 4)
@@ -104,13 +114,13 @@ def test_saved_state_gives_identical_next_proposals(name, nsc_space, tmp_path):
 
 
 def test_restore_rejects_mismatched_state(nsc_space, nb_space):
-  strategy = st.AgingEvolution(population=4, sample=2)
-  arrays = st.state_arrays(strategy.init(nb_space, jax.random.PRNGKey(0)))
+  strategy = evolution.AgingEvolution(population=4, sample=2)
+  arrays = state_lib.state_arrays(strategy.init(nb_space, jax.random.PRNGKey(0)))
   with pytest.raises(ValueError, match='states'):
-    st.restore_state(strategy, nsc_space, arrays)
+    state_lib.restore_state(strategy, nsc_space, arrays)
   del arrays['rewards']
   with pytest.raises(KeyError):
-    st.restore_state(strategy, nb_space, arrays)
+    state_lib.restore_state(strategy, nb_space, arrays)
 
 
 def test_asks_are_deterministic_given_the_key(nsc_space):
@@ -122,11 +132,11 @@ def test_asks_are_deterministic_given_the_key(nsc_space):
 
 
 def test_registry():
-  assert set(NAMES) | {'qlearning_paper'} == set(st.STRATEGIES)
-  assert st.make_strategy('qlearning_paper') == st.QLearner()
-  assert st.make_strategy('qlearning_fast', budget=10).budget == 10
+  assert set(NAMES) | {'qlearning_paper'} == set(registry.FACTORIES)
+  assert registry.make_strategy('qlearning_paper') == qlearner.QLearner()
+  assert registry.make_strategy('qlearning_fast', budget=10).budget == 10
   with pytest.raises(KeyError, match='unknown strategy'):
-    st.make_strategy('annealing')
+    registry.make_strategy('annealing')
   with pytest.raises(ValueError):
     AgentSettings(exploration='boltzmann')
 
@@ -135,8 +145,8 @@ def test_registry():
 
 def test_paper_preset_is_todays_agent_bit_for_bit(nsc_space):
   """The search loop's calls, key for key: sample_blocks at the schedule's ε, then learn."""
-  strategy = st.make_strategy('qlearning_paper')
-  config, schedule = ql.QLearningConfig(), ql.EpsilonSchedule()
+  strategy = registry.make_strategy('qlearning_paper')
+  config, schedule = agent.QLearningConfig(), agent.EpsilonSchedule()
   state = strategy.init(nsc_space, jax.random.PRNGKey(0))
   q, memory = ql.init_q(nsc_space, config.q_init), ql.init_memory(nsc_space,
                                                                   config.memory_capacity)
@@ -158,7 +168,7 @@ def test_paper_preset_is_todays_agent_bit_for_bit(nsc_space):
 
 def test_nb201_neighbours_are_the_24_one_edge_changes(nb_space):
   ops = (3, 0, 1, 4, 2, 3)
-  paths, lengths, ok = st.neighbours(nb_space, jnp.asarray(nb201.encode(ops)), jnp.int32(7))
+  paths, lengths, ok = paths_lib.neighbours(nb_space, jnp.asarray(nb201.encode(ops)), jnp.int32(7))
   cells = {nb201.decode(row) for row in np.asarray(paths)[np.asarray(ok)]}
   assert len(cells) == 24 and (np.asarray(lengths)[np.asarray(ok)] == 7).all()
   assert all(sum(a != b for a, b in zip(ops, c)) == 1 for c in cells)
@@ -169,7 +179,7 @@ def test_nb201_mutation_changes_exactly_one_edge(nb_space):
   cells = rng.integers(5, size=(200, 6))
   parents = ql.Trajectories(states=jnp.asarray(np.stack([nb201.encode(c) for c in cells])),
                             lengths=jnp.full((200,), 7, jnp.int32))
-  children = st.mutate(nb_space, jax.random.PRNGKey(1), parents)
+  children = paths_lib.mutate(nb_space, jax.random.PRNGKey(1), parents)
   changed = [sum(a != b for a, b in zip(c, nb201.decode(row)))
              for c, row in zip(cells, np.asarray(children.states))]
   assert changed == [1] * 200
@@ -185,16 +195,16 @@ def _one_layer_apart(a: nsc.Block, b: nsc.Block) -> bool:
 
 def test_nsc_neighbours_and_mutations_are_valid_and_one_layer_away(nsc_space):
   paths = ql.sample_blocks(jax.random.PRNGKey(2), ql.init_q(nsc_space), nsc_space, 1.0, 40)
-  valid = np.asarray(st.path_valid(nsc_space, paths.states, paths.lengths))
+  valid = np.asarray(paths_lib.path_valid(nsc_space, paths.states, paths.lengths))
   parents = jax.tree.map(lambda x: x[np.flatnonzero(valid)[:8]], paths)
   for row, length in zip(np.asarray(parents.states), np.asarray(parents.lengths)):
     block = nsc_space.decode(row)
-    cand, lengths, ok = st.neighbours(nsc_space, jnp.asarray(row), jnp.int32(length))
+    cand, lengths, ok = paths_lib.neighbours(nsc_space, jnp.asarray(row), jnp.int32(length))
     assert np.asarray(ok).sum() > 0
     for c in np.asarray(cand)[np.asarray(ok)]:
       other = nsc.validate(nsc_space.decode(c), GRAMMAR)
       assert _one_layer_apart(block, other)
-  children = st.mutate(nsc_space, jax.random.PRNGKey(3), parents)
+  children = paths_lib.mutate(nsc_space, jax.random.PRNGKey(3), parents)
   for row, child in zip(np.asarray(parents.states), np.asarray(children.states)):
     assert _one_layer_apart(nsc_space.decode(row), nsc.validate(nsc_space.decode(child),
                                                                 GRAMMAR))
@@ -217,17 +227,17 @@ def test_path_valid_skips_exactly_the_merges_of_a_tensor_with_itself(nsc_space):
   """Every path is a valid block; path_valid marks the degenerate ones (add(x, id(x)) = 2x)
   that the strategies beyond the paper do not propose."""
   paths = ql.sample_blocks(jax.random.PRNGKey(4), ql.init_q(nsc_space), nsc_space, 1.0, 300)
-  valid = np.asarray(st.path_valid(nsc_space, paths.states, paths.lengths))
+  valid = np.asarray(paths_lib.path_valid(nsc_space, paths.states, paths.lengths))
   assert 0 < valid.mean() < 1  # both kinds occur
   for row, ok in zip(np.asarray(paths.states), valid):
     block = nsc.validate(nsc_space.decode(row), GRAMMAR)
     assert ok == (not _merges_a_tensor_with_itself(block))
-  assert np.asarray(st.path_valid(nb201.build_nb201_space(), paths.states[:, :8],
-                                  paths.lengths)).all()
+  assert np.asarray(paths_lib.path_valid(nb201.build_nb201_space(), paths.states[:, :8],
+                                         paths.lengths)).all()
 
 
 def test_random_search_is_uniform_over_nb201_cells(nb_space):
-  _, prop = st.RandomSearch().ask(nb_space, None, jax.random.PRNGKey(0), 5000)
+  _, prop = random_search.RandomSearch().ask(nb_space, None, jax.random.PRNGKey(0), 5000)
   first = np.asarray([nb201.decode(r)[0] for r in np.asarray(prop.states)])
   counts = np.bincount(first, minlength=5)
   assert ((counts - 1000) ** 2 / 1000).sum() < 18.5  # chi-square, 4 dof, 0.999 quantile
@@ -236,7 +246,7 @@ def test_random_search_is_uniform_over_nb201_cells(nb_space):
 # -- evolution, local search, the fast agent --------------------------------------------------
 
 def test_evolution_population_is_the_last_p_told(nb_space):
-  strategy = st.AgingEvolution(population=5, sample=3)
+  strategy = evolution.AgingEvolution(population=5, sample=3)
   state, proposals = _run(strategy, nb_space, asks=4)
   told = np.concatenate([np.asarray(p.states) for p in proposals])  # 16 blocks in order
   assert int(state.size) == 5 and int(state.told) == 16
@@ -249,7 +259,7 @@ def test_evolution_population_is_the_last_p_told(nb_space):
 
 
 def test_evolution_children_are_one_edge_from_a_member(nb_space):
-  strategy = st.AgingEvolution(population=4, sample=2)
+  strategy = evolution.AgingEvolution(population=4, sample=2)
   state, _ = _run(strategy, nb_space, asks=1)  # the random initial population
   _, children = strategy.ask(nb_space, state, jax.random.PRNGKey(8), N)
   members = [nb201.decode(r) for r in np.asarray(state.states)]
@@ -260,7 +270,7 @@ def test_evolution_children_are_one_edge_from_a_member(nb_space):
 
 def test_local_search_moves_to_first_better_and_restarts_at_local_optimum():
   space = nb201.build_nb201_space()
-  strategy = st.LocalSearch()
+  strategy = local_search.LocalSearch()
   state = strategy.init(space, jax.random.PRNGKey(0))
   start = nb201.encode((0,) * 6)
   state = strategy.tell(space, state, ql.Trajectories(jnp.asarray(start[None]),
@@ -293,7 +303,7 @@ def planted():
 
 
 def test_local_search_finds_the_optimum_of_a_synthetic_table(planted):
-  result = bl.search_batch(st.LocalSearch(), planted, 150, range(8))
+  result = bl.search_batch(local_search.LocalSearch(), planted, 150, range(8))
   assert np.isclose(result.traces[0, 0, :, -1], planted.max()).all()
 
 
@@ -303,7 +313,7 @@ def test_local_search_finds_the_optimum_of_a_tiny_nsc_table():
   everything = ql.sample_blocks(jax.random.PRNGKey(0), ql.init_q(space), space, 1.0, 4000)
   table = {tuple(r): v for r, v in zip(np.asarray(everything.states).tolist(),
                                        _reward(np.asarray(everything.states)))}
-  strategy = st.LocalSearch()
+  strategy = local_search.LocalSearch()
   state = strategy.init(space, jax.random.PRNGKey(1))
   best = -1.0
   for it in range(60):
@@ -328,12 +338,12 @@ def test_fast_agent_climbs_without_repeats(nb_space, planted):
 
 
 def test_fast_agent_schedule_is_sized_to_the_budget(nb_space):
-  strategy = st.fast_qlearner(1000)  # 10% random phase of whatever budget init gets
+  strategy = qlearner.fast_qlearner(1000)  # 10% random phase of whatever budget init gets
   state = strategy.init(nb_space, jax.random.PRNGKey(0), budget=50)
   eps = [float(strategy.epsilon(state.replace(told=jnp.int32(t)), 0, 8)) for t in (0, 4, 5, 49)]
   assert eps == [1.0, 1.0, 0.0, 0.0]
-  paper_short = st.QLearner(AgentSettings(budget_sized=True, schedule_unit='iterations'),
-                            budget=80)
+  paper_short = qlearner.QLearner(AgentSettings(budget_sized=True, schedule_unit='iterations'),
+                                  budget=80)
   state = paper_short.init(nb_space, jax.random.PRNGKey(0))  # 10 iterations of 8
   eps = [float(paper_short.epsilon(state, it, 8)) for it in (0, 5, 9, 20)]
   assert eps == pytest.approx([1.0, 1.0, 0.2, 0.1])  # phases at fractions of 10
@@ -350,9 +360,10 @@ def test_canonical_keys_of_proposals_match_their_blocks(nsc_space):
 
 def test_ask_returns_the_same_state_object_unless_it_can_move(nb_space):
   key = jax.random.PRNGKey(0)
-  for strategy, moves in ((st.QLearner(), False), (st.fast_qlearner(20, restart=False), False),
-                          (st.fast_qlearner(20), True), (st.RandomSearch(), False),
-                          (st.AgingEvolution(), False), (st.LocalSearch(), True)):
+  for strategy, moves in ((qlearner.QLearner(), False),
+                          (qlearner.fast_qlearner(20, restart=False), False),
+                          (qlearner.fast_qlearner(20), True), (random_search.RandomSearch(), False),
+                          (evolution.AgingEvolution(), False), (local_search.LocalSearch(), True)):
     state = strategy.init(nb_space, key)
     asked, _ = strategy.ask(nb_space, state, key, N, 0)
     assert (asked is not state) == moves, strategy
@@ -369,19 +380,19 @@ def test_key_hash_is_equal_exactly_for_equivalent_blocks(nsc_space):
   other = '1,1,3,0,0 2,1,3,1,0 3,5,0,1,2 4,7,0,0,0'
   blocks = [nsc.parse(t, GRAMMAR) for t in forms + [other]]
   rows = jnp.asarray(np.stack([nsc_space.encode(b) for b in blocks]))
-  hashes = np.asarray(st.key_hash(nsc_space, rows))
+  hashes = np.asarray(tried.key_hash(nsc_space, rows))
   assert (hashes[0] == hashes[1]).all() and (hashes[0] == hashes[2]).all()
   assert (hashes[0] != hashes[3]).any()
   # The same under jit and vmap.
-  np.testing.assert_array_equal(jax.jit(st.key_hash)(nsc_space, rows), hashes)
-  np.testing.assert_array_equal(jax.vmap(lambda r: st.key_hash(nsc_space, r))(rows), hashes)
+  np.testing.assert_array_equal(jax.jit(tried.key_hash)(nsc_space, rows), hashes)
+  np.testing.assert_array_equal(jax.vmap(lambda r: tried.key_hash(nsc_space, r))(rows), hashes)
   # Raw paths differ for the swapped form: path_hash alone would call them two blocks.
-  raw = np.asarray(st.path_hash(rows))
+  raw = np.asarray(tried.path_hash(rows))
   assert (raw[0] != raw[2]).any()
 
 
 def test_the_fast_agent_never_proposes_a_block_equivalent_to_one_it_was_told(nsc_space):
-  strategy = st.make_strategy('qlearning_fast', budget=48, tried_capacity=256)
+  strategy = registry.make_strategy('qlearning_fast', budget=48, tried_capacity=256)
   reward = lambda states: np.asarray(
       [len(canonical.canonical_key(nsc_space.decode(r))) % 97 / 97 for r in states],
       np.float32)
@@ -396,10 +407,10 @@ def test_mutations_and_neighbours_are_other_blocks_canonically(nsc_space):
   block = nsc.parse('1,4,0,0,0 2,1,3,1,0 3,3,1,2,0 4,7,0,0,0', GRAMMAR)
   row = jnp.asarray(nsc_space.encode(block))
   own = canonical.canonical_key(block)
-  paths, _, ok = st.neighbours(nsc_space, row, jnp.int32(len(block.layers)))
+  paths, _, ok = paths_lib.neighbours(nsc_space, row, jnp.int32(len(block.layers)))
   keys = [canonical.canonical_key(nsc_space.decode(p)) for p in np.asarray(paths)[np.asarray(ok)]]
   assert keys and own not in keys
-  parents = st.Trajectories(jnp.tile(row, (32, 1)), jnp.full((32,), len(block.layers)))
-  children = st.mutate(nsc_space, jax.random.PRNGKey(0), parents)
+  parents = ql.Trajectories(jnp.tile(row, (32, 1)), jnp.full((32,), len(block.layers)))
+  children = paths_lib.mutate(nsc_space, jax.random.PRNGKey(0), parents)
   assert all(canonical.canonical_key(nsc_space.decode(c)) != own
              for c in np.asarray(children.states))

@@ -8,11 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import architecture
-from blockqnn_jax import local_executor
-from blockqnn_jax import nsc
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import splits
+from blockqnn_jax.data import stream as stream_lib
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.models import architecture
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
 from blockqnn_jax.training import streamed as streaming
 
 SMALL = nsc.parse('1,1,3,0,0 2,7,0,0,0')
@@ -38,8 +39,8 @@ def _digits_folder(root: Path, per_class=40, classes=(0, 1, 7)) -> Path:
 @pytest.fixture(scope='module')
 def stream(tmp_path_factory):
   root = _digits_folder(tmp_path_factory.mktemp('digits_folder'))
-  return streaming.StreamData('image_folder', path=str(root), image_size=16,
-                              validation_size=30, seed=0, decode_threads=2).open()
+  return stream_lib.StreamData('image_folder', path=str(root), image_size=16,
+                               validation_size=30, seed=0, decode_threads=2).open()
 
 
 def _config(**train):
@@ -61,16 +62,16 @@ def test_validation_is_held_out_of_the_training_split(stream, tmp_path):
   assert stream.num_classes == 3 and stream.image_shape == (16, 16, 3)
   train, val = set(stream.train_indices), set(stream.val_indices)
   assert len(val) == 30 and len(train) == 90 and not train & val  # 120 training images
-  again = streaming.StreamData('image_folder', path=stream.data.path, image_size=16,
-                               validation_size=30, seed=0).open()
+  again = stream_lib.StreamData('image_folder', path=stream.data.path, image_size=16,
+                                validation_size=30, seed=0).open()
   np.testing.assert_array_equal(again.val_indices, stream.val_indices)  # fixed by the seed
-  other = streaming.StreamData('image_folder', path=stream.data.path, image_size=16,
-                               validation_size=30, seed=1).open()
+  other = stream_lib.StreamData('image_folder', path=stream.data.path, image_size=16,
+                                validation_size=30, seed=1).open()
   assert set(other.val_indices) != val
   batches = list(stream.batches('val', 16))
   assert [len(b[1]) for b in batches] == [16, 14]  # every held-out image once, in order
-  with pytest.raises(data_lib.DataError, match='no images|cannot|not found|exist'):
-    streaming.StreamData('image_folder', path=str(tmp_path / 'missing')).open()
+  with pytest.raises(splits.DataError, match='no images|cannot|not found|exist'):
+    stream_lib.StreamData('image_folder', path=str(tmp_path / 'missing')).open()
 
 
 @pytest.mark.slow
@@ -82,7 +83,7 @@ def test_a_block_trains_on_streamed_batches(stream):
   assert result.final_loss < 0.9 and result.val_accuracy > 0.5, result
   assert result.images_per_s > 0 and result.compile_s > 0 and result.train_s > 0
   spec = architecture.spec_for(SMALL, 'cifar', 1, 8, 3, (16, 16, 3))
-  from blockqnn_jax import cost
+  from blockqnn_jax.models import cost
   assert result.params == cost.network_params(spec)
 
 
@@ -113,8 +114,8 @@ def test_imagenet_through_tfds_streams(tmp_path):
   """The real TFDS code path for ImageNet, on TFDS's mock data."""
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=24):
-    opened = streaming.StreamData('tfds', name='imagenet2012', image_size=32,
-                                  validation_size=8, seed=0, decode_threads=2).open()
+    opened = stream_lib.StreamData('tfds', name='imagenet2012', image_size=32,
+                                   validation_size=8, seed=0, decode_threads=2).open()
     assert opened.num_classes == 1000
     config = _config(epochs=1, batch_size=8, eval_batch_size=8)
     config.network = dict(kind='imagenet', num_blocks=1, features=4, num_classes=1000,
@@ -130,7 +131,8 @@ def test_the_imagenet_search_command_streams(stream, tmp_path):
   import os
   import subprocess
   import sys
-  from blockqnn_jax import store as store_lib
+
+  from blockqnn_jax.storage import store as store_lib
   command = [sys.executable, '-m', 'experiments.search', '--config=configs/imagenet.py:smoke',
              f'--workdir={tmp_path}', f'--config.data.path={stream.data.path}',
              '--config.data.validation_size=30', '--config.network.num_classes=3',
@@ -147,9 +149,9 @@ def test_the_imagenet_search_command_streams(stream, tmp_path):
 
 @pytest.mark.slow
 def test_real_jpegs_stream_from_the_cifar10_tar(shared_data):
-  opened = streaming.StreamData('image_folder', path=str(shared_data / 'cifar10-jpeg-full.tar'),
-                                image_size=32, validation_size=200, max_train=400, seed=0,
-                                decode_threads=2).open()
+  opened = stream_lib.StreamData('image_folder', path=str(shared_data / 'cifar10-jpeg-full.tar'),
+                                 image_size=32, validation_size=200, max_train=400, seed=0,
+                                 decode_threads=2).open()
   assert opened.num_classes == 10 and len(opened.train_indices) == 400
   config = _config(epochs=1, batch_size=50, eval_batch_size=100)
   config.network = dict(kind='cifar', num_blocks=1, features=8, num_classes=10, image_size=32)

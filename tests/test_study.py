@@ -16,13 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from blockqnn_jax import Study
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
-from blockqnn_jax import store as store_lib
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.report import compare
-from blockqnn_jax.settings import ConfigMismatch
-from blockqnn_jax.study import StudyError
+from blockqnn_jax.search.study import Study, StudyError
+from blockqnn_jax.settings.base import ConfigMismatch
+from blockqnn_jax.storage import store as store_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAMMAR = nsc.Grammar(max_index=5, conv_kernels=(1, 3))
@@ -186,7 +185,8 @@ def test_reopened_with_other_settings_is_refused_and_one_at_a_time(tmp_path):
     _open(tmp_path, budget=30)
   with _open(tmp_path):  # a second process is refused while this one holds the study
     other = subprocess.run(
-        [sys.executable, '-c', 'import sys; from blockqnn_jax import Study, nsc; '
+        [sys.executable, '-c', 'import sys; from blockqnn_jax.nsc import grammar as nsc; '
+         'from blockqnn_jax.search.study import Study; '
          'Study.create(sys.argv[1], grammar=nsc.Grammar(max_index=5, conv_kernels=(1, 3)), '
          'blocks_per_iteration=4, budget=16)', str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -206,7 +206,8 @@ def test_a_study_reopened_hands_out_again_what_was_never_told(tmp_path):
 
 _KILLED = textwrap.dedent('''
     import hashlib, sys, time
-    from blockqnn_jax import Study, canonical, nsc
+    from blockqnn_jax.nsc import canonical, grammar as nsc
+    from blockqnn_jax.search.study import Study
     def score(block):
       key = canonical.canonical_key(block)
       return int(hashlib.sha256(key.encode()).hexdigest()[:6], 16) / 16**6
@@ -280,8 +281,8 @@ def test_the_confirm_rule_hands_out_reevaluations_and_keeps_what_the_evidence_su
 
 def test_the_report_and_the_retraining_take_the_kept_block(tmp_path):
   from blockqnn_jax.report import page  # pylint: disable=import-outside-toplevel
-  from blockqnn_jax.settings import FinalSettings  # pylint: disable=import-outside-toplevel
-  from blockqnn_jax.training import final  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.settings.final import FinalSettings  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.training.final import block_choice  # pylint: disable=import-outside-toplevel
   from configs import cifar_final  # pylint: disable=import-outside-toplevel
   with _open(tmp_path, strategy='qlearning_fast', budget=24, confirm=3) as study:
     _run_noisy(study)
@@ -300,7 +301,7 @@ def test_the_report_and_the_retraining_take_the_kept_block(tmp_path):
   assert top[0]['nsc'] == best.nsc and sum(t['kept'] for t in top) <= 1
   config = cifar_final.get_config('smoke')
   config.block, config.search_workdir = '', str(tmp_path)
-  block, source = final.resolve_block(FinalSettings.from_config(config))
+  block, source = block_choice.resolve_block(FinalSettings.from_config(config))
   assert block.to_text() == kept.block and 'kept block' in source
 
 

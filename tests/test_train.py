@@ -9,16 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from blockqnn_jax import architecture
-from blockqnn_jax import cost
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import local_executor
-from blockqnn_jax import nsc
-from blockqnn_jax import prepare
-from blockqnn_jax import results
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import readers
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.models import architecture, cost, prepare
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings import search
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import results
 from blockqnn_jax.training import candidate as candidate_lib
-from blockqnn_jax.training import engine
+from blockqnn_jax.training import compile_cache, engine
+from blockqnn_jax.training import devices as devices_lib
 
 RESIDUAL = nsc.RESIDUAL_BLOCK
 SMALL = nsc.parse('1,1,3,0,0 2,7,0,0,0')
@@ -36,9 +37,9 @@ def _easy_splits(num_train=256, num_val=64, size=8, seed=0):
 
   (xt, yt), (xv, yv) = make(num_train), make(num_val)
   empty = np.zeros((0, size, size, 3), np.uint8)
-  return data_lib.ImageSplits(train_images=xt, train_labels=yt, val_images=xv, val_labels=yv,
-                              test_images=empty, test_labels=np.zeros((0,), np.int32),
-                              num_classes=2, class_names=('dark', 'bright'), name='easy')
+  return splits_lib.ImageSplits(train_images=xt, train_labels=yt, val_images=xv, val_labels=yv,
+                                test_images=empty, test_labels=np.zeros((0,), np.int32),
+                                num_classes=2, class_names=('dark', 'bright'), name='easy')
 
 
 def _config(**train):
@@ -71,7 +72,7 @@ def splits():
 @pytest.fixture(scope='module')
 def trainer(splits):
   s = SearchSettings.from_config(_config())
-  group = candidate_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
+  group = devices_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
   return candidate_lib.CandidateTrainer(group, s.train, s.reward, s.network)
 
 
@@ -95,10 +96,10 @@ def test_evaluate_reports_everything(trainer):
 
 
 def test_reward_floor_and_plain_accuracy():
-  config = results.RewardConfig(mu=0.5, rho=0.0)
+  config = search.RewardConfig(mu=0.5, rho=0.0)
   # Cheaper than the reference: no bonus.
   assert results.compute_reward(0.7, 10, 100, 1.0, config) == pytest.approx(0.7)
-  assert results.compute_reward(0.7, 1000, 100, 2.0, results.RewardConfig(0, 0)) == 0.7
+  assert results.compute_reward(0.7, 1000, 100, 2.0, search.RewardConfig(0, 0)) == 0.7
 
 
 def test_training_learns_the_easy_task(trainer):
@@ -178,7 +179,7 @@ def test_data_parallel_matches_single_device(splits, trainer):
 
 def test_persistent_compilation_cache(trainer, tmp_path):
   """A second compile of the same candidate, with a cold in-memory cache, reads the disk."""
-  candidate_lib.enable_persistent_compilation_cache(tmp_path)
+  compile_cache.enable_persistent_compilation_cache(tmp_path)
   try:
     fresh = lambda: candidate_lib.CandidateTrainer(trainer.group, trainer.train_config,
                                                    trainer.reward_config, trainer.network)
@@ -189,7 +190,7 @@ def test_persistent_compilation_cache(trainer, tmp_path):
     assert not cached_in_memory
     assert set(p.name for p in tmp_path.iterdir()) == written  # nothing compiled anew
   finally:
-    candidate_lib.enable_persistent_compilation_cache(None)
+    compile_cache.enable_persistent_compilation_cache(None)
 
 
 @pytest.mark.slow
@@ -215,7 +216,7 @@ def test_shared_programs_train_what_one_program_per_candidate_trained(splits, lo
   candidate compiled for itself before."""
   s = SearchSettings.from_config(_config(loop=loop, augment=True, epochs=2,
                                          flat_optimizer=False, xla_cpu_fusion_emitters=True))
-  group = candidate_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
+  group = devices_lib.DeviceGroup.place(splits, jax.local_devices()[:1])
   trainer = candidate_lib.CandidateTrainer(group, s.train, s.reward, s.network)
   compiled, _ = trainer.compile(RESIDUAL)
   state, epoch_loss = trainer.train(compiled, seed=5)
@@ -320,7 +321,7 @@ def test_bfloat16_compute_path_runs_on_cpu(splits):
   for dtype in ('bfloat16', 'float32'):
     s = SearchSettings.from_config(_config(compute_dtype=dtype, epochs=2))
     trainer = candidate_lib.CandidateTrainer(
-        candidate_lib.DeviceGroup.place(splits, jax.local_devices()[:1]), s.train, s.reward,
+        devices_lib.DeviceGroup.place(splits, jax.local_devices()[:1]), s.train, s.reward,
         s.network)
     assert trainer.dtype == {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}[dtype]
     programs[dtype] = trainer.compile(SMALL)[0].fit.as_text()
@@ -332,8 +333,8 @@ def test_bfloat16_compute_path_runs_on_cpu(splits):
 
 @pytest.mark.slow
 def test_real_cifar10_pixels_end_to_end(shared_data):
-  splits = data_lib.load_splits('npz', path=str(shared_data / 'cifar10-exact-subset.npz'),
-                                validation_size=200, max_train=1200, seed=0)
+  splits = readers.load_splits('npz', path=str(shared_data / 'cifar10-exact-subset.npz'),
+                               validation_size=200, max_train=1200, seed=0)
   config = _config(epochs=1, batch_size=100, augment=True, eval_batch_size=100)
   config.network.num_classes = 10
   config.network.image_size = 32
@@ -358,7 +359,7 @@ def test_a_program_compiling_is_waited_for_not_compiled_again(trainer):
 @pytest.mark.slow
 def test_several_workers_share_one_device(splits):
   """executor.workers_per_device: more workers (and compile threads) than devices."""
-  from blockqnn_jax import executors
+  from blockqnn_jax.executors import factory as executors
   config = _config(epochs=1)
   config.executor = dict(workers_per_device=2)
   with executors.make_executor(splits, SearchSettings.from_config(config)) as executor:

@@ -16,10 +16,8 @@ import threading
 
 import pytest
 
-from blockqnn_jax import workdir_lock
-from blockqnn_jax.workdir_lock import LOCK_FILE
-from blockqnn_jax.workdir_lock import WorkdirBusy
-from blockqnn_jax.workdir_lock import WorkdirLock
+from blockqnn_jax.storage import workdir_lock
+from blockqnn_jax.storage.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 #   try: tries the lock once and says what happened as JSON.
 _SCRIPT = textwrap.dedent('''\
     import fcntl, json, os, sys, time
-    from blockqnn_jax.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
+    from blockqnn_jax.storage.workdir_lock import LOCK_FILE, WorkdirBusy, WorkdirLock
     mode, workdir = sys.argv[1], sys.argv[2]
     if mode == 'try':
       try:

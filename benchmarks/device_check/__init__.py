@@ -85,11 +85,3 @@ XLA's GPU autotuning, which later sections (like a long search) reuse. ``--time_
 scales every box and deadline, for a rerun with less device time left.
 The JSON is rewritten after every section, so even a killed run leaves what it measured.
 """
-
-from benchmarks.device_check.plan import (DEFAULT_DATA, FALLBACK_NPZ, POOL, REPORT_KEYS,
-                                          SECTION_KEYS, Plan, TimeBox, plan_for)
-from benchmarks.device_check.runner import load_data, run
-from benchmarks.device_check.tables import format_table
-
-__all__ = ['DEFAULT_DATA', 'FALLBACK_NPZ', 'POOL', 'Plan', 'REPORT_KEYS', 'SECTION_KEYS',
-           'TimeBox', 'format_table', 'load_data', 'plan_for', 'run']

@@ -6,15 +6,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from absl import app
-from absl import flags
-
-from benchmarks.device_check.plan import DEFAULT_DATA, plan_for
-from benchmarks.device_check.runner import run
-
+from absl import app, flags
 
 from benchmarks import evaluate as evaluate_bench  # noqa: F401 (its flags: --data, ...)
-
+from benchmarks.device_check.plan import DEFAULT_DATA, plan_for
+from benchmarks.device_check.runner import run
 
 # -- the command line ------------------------------------------------------------------------
 

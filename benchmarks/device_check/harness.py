@@ -14,16 +14,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks.device_check.plan import (PAPER_TRAIN, PAPER_VAL, Plan, REPORT_KEYS, SECTION_KEYS,
-                                          TimeBox, _since_start)
+from benchmarks.device_check.plan import (
+  PAPER_TRAIN,
+  PAPER_VAL,
+  REPORT_KEYS,
+  SECTION_KEYS,
+  Plan,
+  TimeBox,
+  since_start,
+)
 from benchmarks.device_check.tables import format_table
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import local_executor
-from blockqnn_jax import nsc
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage.results import EvalResult
 from blockqnn_jax.training import candidate as candidate_lib
-from blockqnn_jax.training import engine
+from blockqnn_jax.training import devices, engine
 
 
 def _finite(x: Any) -> Any:
@@ -39,7 +46,7 @@ def _finite(x: Any) -> Any:
   return x
 
 
-def _device_memory(device) -> dict[str, int] | str:
+def device_memory(device) -> dict[str, int] | str:
   """The allocator's counters of ``device``, or 'unavailable' (the CPU backend has none)."""
   try:
     stats = device.memory_stats()
@@ -69,14 +76,14 @@ def _program_memory(programs) -> dict[str, Any]:
 class Check:
   """One run: the data on the device, what sections share, and the report."""
 
-  def __init__(self, plan: Plan, splits: data_lib.ImageSplits, data_info: dict[str, Any],
+  def __init__(self, plan: Plan, splits: splits_lib.ImageSplits, data_info: dict[str, Any],
                out: Path | None):
     self.plan = plan
     self.splits = splits
     self.out = out
     self.device = jax.local_devices()[0]
     self.platform = self.device.platform
-    self.group = candidate_lib.DeviceGroup.place(splits, [self.device])
+    self.group = devices.DeviceGroup.place(splits, [self.device])
     self.grammar = nsc.Grammar(max_index=23)
     self.auto_dtype = np.dtype(engine.resolve_dtype('auto', self.platform)).name
     self.auto_loop = engine.resolve_loop('auto', self.platform)
@@ -115,10 +122,10 @@ class Check:
                                             'XLA_PYTHON_CLIENT_MEM_FRACTION',
                                             'JAX_PLATFORMS') if k in os.environ}),
         'targets': {},
-        'timings': {'startup_s': round(_since_start(), 2)},
+        'timings': {'startup_s': round(since_start(), 2)},
         # The data is on the device, nothing has trained: what later peaks are measured from.
-        'memory_timeline': [dict(after='data placed', at_s=round(_since_start(), 1),
-                                 device=_device_memory(self.device))],
+        'memory_timeline': [dict(after='data placed', at_s=round(since_start(), 1),
+                                 device=device_memory(self.device))],
     }
     for key in REPORT_KEYS:
       self.report[key] = {'status': 'not run'}
@@ -206,7 +213,7 @@ class Check:
                mean_total_s=float(np.mean([r['total_s'] for r in rows])),
                # Same blocks, same seeds, in order: a worker mixing up results shows here.
                results_match_blocks=[r['block'] for r in rows] == [b.to_text() for b in parsed],
-               device_memory_after=_device_memory(self.device), reused=False)
+               device_memory_after=device_memory(self.device), reused=False)
     self.executor_runs[key] = run
     return run
 
@@ -258,7 +265,7 @@ class Check:
 
   def abort(self) -> None:
     """The watchdog's last act: the report so far, marked incomplete, then exit."""
-    self.report['aborted'] = dict(section=self.current, at_s=round(_since_start(), 1),
+    self.report['aborted'] = dict(section=self.current, at_s=round(since_start(), 1),
                                   reason='hard deadline reached')
     for key in SECTION_KEYS.get(self.current, ()):
       self.report[key] = {'status': 'aborted', 'reason': 'hard deadline reached mid-section'}
@@ -266,13 +273,13 @@ class Check:
     self.report['finished_units'] = dict(
         evaluations=list(self.evaluations.values()),
         executor_runs=[dict(run, blocks=list(key[0])) for key, run in self.executor_runs.items()])
-    self.report['timings']['total_s'] = round(_since_start(), 2)
+    self.report['timings']['total_s'] = round(since_start(), 2)
     self.write()
     try:
       print(format_table(self.report), flush=True)
     except Exception as e:  # the JSON is written; a table of a half-run is a nicety
       print(f'(no table: {e!r})')
-    print(f'\nhard deadline at {_since_start():.0f} s during {self.current!r}: report '
+    print(f'\nhard deadline at {since_start():.0f} s during {self.current!r}: report '
           f'written to {self.out}', flush=True)
     os._exit(0)  # pylint: disable=protected-access
 

@@ -9,10 +9,8 @@ _STARTED = time.perf_counter()
 
 import dataclasses
 
-
 from benchmarks.fixtures import BLOCKS
 from configs import cifar
-
 
 DEFAULT_DATA = 'npz:data/cifar10-exact-subset.npz'
 # Also tried when the default is absent: the shared data beside the repository.
@@ -124,7 +122,7 @@ def plan_for(size: str, time_limit_s: float | None = None) -> Plan:
   return plan
 
 
-def _since_start() -> float:
+def since_start() -> float:
   return time.perf_counter() - _STARTED
 
 
@@ -133,11 +131,11 @@ class TimeBox:
 
   def __init__(self, seconds: float, deadline_s: float | None):
     self.budget_s = seconds
-    end = _since_start() + seconds
+    end = since_start() + seconds
     self.end = end if deadline_s is None else min(end, deadline_s)
 
   def left(self) -> float:
-    return self.end - _since_start()
+    return self.end - since_start()
 
   def allows(self, estimate_s: float | None) -> bool:
     """Whether a unit expected to take ``estimate_s`` (None: unknown) fits."""
@@ -148,6 +146,6 @@ class Skipped(Exception):
   """A section did not fit its time box."""
 
 
-def _spent(box: TimeBox, estimate_s: float | None) -> str:
+def spent(box: TimeBox, estimate_s: float | None) -> str:
   return (f'time box spent: {max(box.left(), 0):.0f} s left, a unit takes about '
           f'{estimate_s or 0:.0f} s')

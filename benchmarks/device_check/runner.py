@@ -12,14 +12,22 @@ from typing import Any, Sequence
 
 import jax
 
+from benchmarks.device_check.harness import Check, device_memory
+from benchmarks.device_check.plan import (
+  DEFAULT_DATA,
+  FALLBACK_NPZ,
+  SECTION_KEYS,
+  Plan,
+  Skipped,
+  TimeBox,
+  since_start,
+)
+from benchmarks.device_check.sections import SECTIONS, targets
+from benchmarks.device_check.tables import header, format_table
 from benchmarks.fixtures import data_source
-from benchmarks.device_check.harness import Check, _device_memory
-from benchmarks.device_check.plan import (DEFAULT_DATA, FALLBACK_NPZ, Plan, SECTION_KEYS, Skipped,
-                                          TimeBox, _since_start)
-from benchmarks.device_check.sections import SECTIONS, _targets
-from benchmarks.device_check.tables import _header, format_table
-from blockqnn_jax import data as data_lib
-from blockqnn_jax.training import candidate as candidate_lib
+from blockqnn_jax.data import readers
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.training import compile_cache
 
 
 def run(plan: Plan, data: str, out: str | os.PathLike | None,
@@ -30,33 +38,33 @@ def run(plan: Plan, data: str, out: str | os.PathLike | None,
   scratch = tempfile.mkdtemp(prefix='device_check_all_') if plan.cache_everywhere else None
   try:
     if scratch:
-      candidate_lib.enable_persistent_compilation_cache(scratch)
+      compile_cache.enable_persistent_compilation_cache(scratch)
     splits, data_info = load_data(data, plan)
     check = Check(plan, splits, data_info, out)
     if watchdog and plan.hard_deadline_s is not None:
-      timer = threading.Timer(max(plan.hard_deadline_s - _since_start(), 0), check.abort)
+      timer = threading.Timer(max(plan.hard_deadline_s - since_start(), 0), check.abort)
       timer.daemon = True
       timer.start()
-    print(_header(check), flush=True)
+    print(header(check), flush=True)
     check.write()
     wanted = set(sections or SECTION_KEYS)
     for name, fn in ((n, f) for n, f in SECTIONS if n in wanted):
       _run_section(check, name, fn, dict(plan.budgets)[name])
-    check.report['targets'] = _targets(check)
-    check.report['timings']['total_s'] = round(_since_start(), 2)
+    check.report['targets'] = targets(check)
+    check.report['timings']['total_s'] = round(since_start(), 2)
     check.report['complete'] = True
     check.write()
     print(format_table(check.report), flush=True)
     return check.report
   finally:
     if scratch:
-      candidate_lib.enable_persistent_compilation_cache(previous_cache)
+      compile_cache.enable_persistent_compilation_cache(previous_cache)
       shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _run_section(check: Check, name: str, fn, budget: float) -> None:
   check.current = name
-  start = _since_start()
+  start = since_start()
   box = TimeBox(budget, check.plan.deadline_s)
   timing = dict(budget_s=budget, started_at_s=round(start, 2))
   try:
@@ -74,16 +82,16 @@ def _run_section(check: Check, name: str, fn, budget: float) -> None:
       check.report[key] = {'status': 'error', 'error': f'{type(e).__name__}: {e}',
                            'traceback': traceback.format_exc(limit=8)[-3000:]}
     timing['status'] = 'error'
-  timing['elapsed_s'] = round(_since_start() - start, 2)
+  timing['elapsed_s'] = round(since_start() - start, 2)
   check.report['timings'][name] = timing
-  check.report['memory_timeline'].append(dict(after=name, at_s=round(_since_start(), 1),
-                                              device=_device_memory(check.device)))
+  check.report['memory_timeline'].append(dict(after=name, at_s=round(since_start(), 1),
+                                              device=device_memory(check.device)))
   check.write()
-  print(f'[{_since_start():6.1f} s] {name}: {timing["status"]} in {timing["elapsed_s"]:.1f} s '
+  print(f'[{since_start():6.1f} s] {name}: {timing["status"]} in {timing["elapsed_s"]:.1f} s '
         f'(budget {budget:.0f} s)', flush=True)
 
 
-def load_data(spec: str, plan: Plan) -> tuple[data_lib.ImageSplits, dict[str, Any]]:
+def load_data(spec: str, plan: Plan) -> tuple[splits_lib.ImageSplits, dict[str, Any]]:
   """The splits ``spec`` names ('digits' or 'SOURCE:PATH'), and how they were found.
 
   A missing npz falls back to the shared data beside the repository; failing that, the
@@ -104,7 +112,7 @@ def load_data(spec: str, plan: Plan) -> tuple[data_lib.ImageSplits, dict[str, An
           f'{path} not found. Carry the data: mkdir -p data && cp '
           f'../shared/data/cifar10-exact-subset.npz data/ (and the device tool\'s carry of '
           f'"data"), or pass --data=npz:PATH')
-  splits = data_lib.load_splits(source, path=path or None, validation_size=plan.validation_size,
-                                max_train=plan.max_train)
+  splits = readers.load_splits(source, path=path or None, validation_size=plan.validation_size,
+                               max_train=plan.max_train)
   info['name'] = splits.name
   return splits, info

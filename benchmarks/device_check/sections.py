@@ -11,12 +11,16 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from benchmarks.device_check.harness import Check, _device_memory
-from benchmarks.device_check.plan import (Skipped, TARGET_CANDIDATES_PER_HOUR,
-                                          TARGET_OUTSIDE_TRAIN_SHARE, TimeBox, _spent)
-from blockqnn_jax import nsc
-from blockqnn_jax.training import candidate as candidate_lib
-
+from benchmarks.device_check.harness import Check, device_memory
+from benchmarks.device_check.plan import (
+  TARGET_CANDIDATES_PER_HOUR,
+  TARGET_OUTSIDE_TRAIN_SHARE,
+  Skipped,
+  TimeBox,
+  spent,
+)
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.training import compile_cache
 
 # -- the sections --------------------------------------------------------------------------
 
@@ -32,7 +36,7 @@ def section_loops(check: Check, box: TimeBox) -> dict[str, Any]:
   for block in check.plan.loop_blocks:
     for loop in ('scan', 'steps'):
       if not box.allows(check.estimate()):
-        skipped.append(dict(block=block, loop=loop, reason=_spent(box, check.estimate())))
+        skipped.append(dict(block=block, loop=loop, reason=spent(box, check.estimate())))
         continue
       rows.append(check.evaluate(block, loop, check.auto_dtype))
   if not rows:
@@ -77,7 +81,7 @@ def section_dtypes(check: Check, box: TimeBox) -> dict[str, Any]:
     for dtype in ('bfloat16', 'float32'):
       known = (block, check.loop, dtype) in check.evaluations
       if not known and not box.allows(check.estimate()):
-        skipped.append(dict(block=block, dtype=dtype, reason=_spent(box, check.estimate())))
+        skipped.append(dict(block=block, dtype=dtype, reason=spent(box, check.estimate())))
         continue
       rows.append(check.evaluate(block, check.loop, dtype))
   if not rows:
@@ -143,7 +147,7 @@ def section_compile_share(check: Check, box: TimeBox) -> dict[str, Any]:
   directory = tempfile.mkdtemp(prefix='device_check_cache_')
   passes, skipped = {}, []
   try:
-    candidate_lib.enable_persistent_compilation_cache(directory)
+    compile_cache.enable_persistent_compilation_cache(directory)
     done = []
     for name in ('cold', 'warm'):
       trainer = check.trainer(check.loop, 'auto')  # a fresh in-memory cache each pass
@@ -155,7 +159,7 @@ def section_compile_share(check: Check, box: TimeBox) -> dict[str, Any]:
         estimate = (one * (1 + WARM_FRACTION * (len(done) + 1)) if name == 'cold'
                     else one * WARM_FRACTION)
         if not box.allows(estimate):
-          skipped.append(dict(block=block, passed=name, reason=_spent(box, estimate)))
+          skipped.append(dict(block=block, passed=name, reason=spent(box, estimate)))
           continue
         rows.append(check.record(trainer.evaluate(nsc.parse(block, check.grammar), seed=seed),
                                  serial_cold=name == 'cold'))
@@ -166,7 +170,7 @@ def section_compile_share(check: Check, box: TimeBox) -> dict[str, Any]:
       passes[name] = dict(_pass_stats(check, rows, time.perf_counter() - start), rows=rows)
       passes[name]['files_in_cache'] = len(os.listdir(directory))
   finally:
-    candidate_lib.enable_persistent_compilation_cache(previous)
+    compile_cache.enable_persistent_compilation_cache(previous)
     shutil.rmtree(directory, ignore_errors=True)
   cold, warm = passes.get('cold', {}), passes.get('warm', {})
   status = 'ok' if cold.get('ok') and warm.get('ok') and not skipped else 'partial'
@@ -198,7 +202,7 @@ def section_compile_ahead(check: Check, box: TimeBox) -> dict[str, Any]:
   if not count or check.fit_count(box, 1, count) < count:
     count = check.fit_count(box, 1, check.plan.executor_count, runs=2)
     if not count:
-      raise Skipped(_spent(box, 2 * 2 * (check.estimate() or 0)))
+      raise Skipped(spent(box, 2 * 2 * (check.estimate() or 0)))
   runs = {'with_compile_ahead': check.executor_run(1, True, count),
           'without_compile_ahead': check.executor_run(1, False, count)}
   on, off = runs['with_compile_ahead'], runs['without_compile_ahead']
@@ -236,7 +240,7 @@ def section_memory(check: Check, box: TimeBox) -> dict[str, Any]:
   """Peak device memory of a candidate, and workers sharing the one device."""
   # Every candidate so far ran alone, so the allocator's high-water mark now is that of
   # one candidate at a time (plus the resident data and any autotuning scratch).
-  single = _device_memory(check.device)
+  single = device_memory(check.device)
   start = check.report['memory_timeline'][0]['device']
   peak = above_data = 'unavailable'
   if isinstance(single, dict) and 'peak_bytes_in_use' in single:
@@ -252,7 +256,7 @@ def section_memory(check: Check, box: TimeBox) -> dict[str, Any]:
     count = check.fit_count(box, workers, counts.get(workers, 0))
     if workers not in counts or not count:
       cost = check.run_cost(workers, check.least_count(workers))
-      skipped.append(dict(workers=workers, reason=_spent(box, cost)))
+      skipped.append(dict(workers=workers, reason=spent(box, cost)))
       continue
     runs[str(workers)] = check.executor_run(workers, True, count)
   runs = dict(sorted(runs.items(), key=lambda kv: int(kv[0])))
@@ -279,7 +283,7 @@ SECTIONS: tuple[tuple[str, Callable[[Check, TimeBox], dict[str, Any]]], ...] = (
     ('dtypes', section_dtypes))
 
 
-def _targets(check: Check) -> dict[str, Any]:
+def targets(check: Check) -> dict[str, Any]:
   """The project targets against what was measured."""
   per_hour, share = check.report['candidates_per_hour'], check.report['compile_share']
   serial = per_hour.get('projected_45k')

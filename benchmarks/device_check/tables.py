@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -20,7 +20,7 @@ def _f(x: Any, spec: str = '.1f') -> str:
   return '-' if x is None or isinstance(x, float) else str(x)
 
 
-def _header(check: Check) -> str:
+def header(check: Check) -> str:
   s = check.report['settings']
   d = check.report['device']
   warning = ('' if d['platform'] != 'cpu' or check.plan.size != 'full' else

@@ -12,15 +12,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+from pathlib import Path
 import tarfile
 import threading
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from blockqnn_jax.data.splits import DataError
-from blockqnn_jax.data.splits import balanced_head
+from blockqnn_jax.data.splits import DataError, balanced_head
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp')
 

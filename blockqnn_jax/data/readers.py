@@ -24,21 +24,18 @@ source needs them, so importing this module stays cheap and a missing one is a `
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 import pickle
 import tarfile
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from blockqnn_jax import settings
 from blockqnn_jax.data import folders
-from blockqnn_jax.data.splits import DataError
-from blockqnn_jax.data.splits import ImageSplits
-from blockqnn_jax.data.splits import assemble
-from blockqnn_jax.data.splits import stratified_holdout
+from blockqnn_jax.data.splits import DataError, ImageSplits, assemble, stratified_holdout
+from blockqnn_jax.settings import base as base_lib
 
-SOURCES = settings.DATA_SOURCES
+SOURCES = base_lib.DATA_SOURCES
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')
 # TFDS datasets too large for host memory: ``load_splits`` refuses them up front.

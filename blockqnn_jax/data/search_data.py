@@ -5,7 +5,7 @@ from __future__ import annotations
 from blockqnn_jax.data.readers import load_splits
 from blockqnn_jax.data.splits import DataError, ImageSplits  # noqa: F401 (annotations)
 from blockqnn_jax.data.stream import OpenStream, StreamData
-from blockqnn_jax.settings import DataSettings, NetworkSettings
+from blockqnn_jax.settings.search import DataSettings, NetworkSettings
 
 
 def suggest_source(path: str) -> str:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+from pathlib import Path
 import queue
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from blockqnn_jax.data import folders
-from blockqnn_jax.data import readers
-from blockqnn_jax.data.splits import DataError
-from blockqnn_jax.data.splits import holdout_count
+from blockqnn_jax.data import folders, readers
+from blockqnn_jax.data.splits import DataError, holdout_count
 
 STREAM_SOURCES = ('tfds', 'image_folder')
 
@@ -103,28 +101,56 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
     if subset.size and (subset.min() < 0 or subset.max() >= total):
       raise DataError(f'stream_batches: indices must lie in [0, {total}) for {source} '
                       f'{name or path} {split}')
-  num_examples = len(subset)
-  if num_examples == 0 or (drop_remainder and num_examples < batch_size):
-    raise DataError(f'stream_batches: {source} {name or path} {split} has {num_examples} '
+  if len(subset) == 0 or (drop_remainder and len(subset) < batch_size):
+    raise DataError(f'stream_batches: {source} {name or path} {split} has {len(subset)} '
                     f'examples, fewer than one batch of {batch_size}')
-  batches: queue.Queue = queue.Queue(maxsize=prefetch)
+  ids = _batch_indices(subset, batch_size, seed, shuffle, drop_remainder, num_epochs)
+
+  def produce(put: Callable[[Any], bool]) -> None:
+    with opener() as read, concurrent.futures.ThreadPoolExecutor(
+        decode_threads, thread_name_prefix='decode') as pool:
+      def one(i):
+        image, label = read(int(i))
+        return folders.resize_center_crop(image, image_size), label
+      for batch in ids:
+        pairs = list(pool.map(one, batch))
+        if not put((np.stack([im for im, _ in pairs]),
+                    np.asarray([lab for _, lab in pairs], np.int32))):
+          return
+
+  return _in_background(produce, prefetch, name='stream_batches')
+
+
+def _batch_indices(subset: np.ndarray, batch_size: int, seed: int, shuffle: bool,
+                   drop_remainder: bool, num_epochs: int | None) -> Iterator[np.ndarray]:
+  """The example indices of each batch, epoch after epoch; epoch ``e`` is shuffled by the
+  permutation drawn from ``(seed, e)``."""
+  num_examples = len(subset)
+  epoch = 0
+  while num_epochs is None or epoch < num_epochs:
+    order = (subset[np.random.default_rng([seed, epoch]).permutation(num_examples)]
+             if shuffle else subset)
+    stop_at = num_examples - num_examples % batch_size if drop_remainder else num_examples
+    for start in range(0, stop_at, batch_size):
+      yield order[start:start + batch_size]
+    epoch += 1
+
+
+def _in_background(produce: Callable[[Callable[[Any], bool]], None], prefetch: int,
+                   name: str) -> Iterator[Any]:
+  """Runs ``produce(put)`` on a thread and yields what it puts, at most ``prefetch`` ahead.
+
+  ``put`` returns False once the consumer has gone (the iterator closed or dropped), and
+  ``produce`` should then return; an exception ``produce`` raises is raised to the consumer.
+  """
+  items: queue.Queue = queue.Queue(maxsize=prefetch)
   stop = threading.Event()
   done = object()
-
-  def epochs() -> Iterator[np.ndarray]:
-    epoch = 0
-    while num_epochs is None or epoch < num_epochs:
-      order = (subset[np.random.default_rng([seed, epoch]).permutation(num_examples)]
-               if shuffle else subset)
-      stop_at = num_examples - num_examples % batch_size if drop_remainder else num_examples
-      for start in range(0, stop_at, batch_size):
-        yield order[start:start + batch_size]
-      epoch += 1
 
   def put(item) -> bool:
     while not stop.is_set():  # time out now and then to notice a closed consumer
       try:
-        batches.put(item, timeout=0.1)
+        items.put(item, timeout=0.1)
         return True
       except queue.Full:
         continue
@@ -132,27 +158,17 @@ def stream_batches(source: str = 'tfds', *, name: str = '', split: str = 'train'
 
   def work() -> None:
     try:
-      with opener() as read, concurrent.futures.ThreadPoolExecutor(
-          decode_threads, thread_name_prefix='decode') as pool:
-        def one(i):
-          image, label = read(int(i))
-          return folders.resize_center_crop(image, image_size), label
-        for ids in epochs():
-          pairs = list(pool.map(one, ids))
-          images = np.stack([im for im, _ in pairs])
-          labels = np.asarray([lab for _, lab in pairs], np.int32)
-          if not put((images, labels)):
-            return
+      produce(put)
       put(done)
     except BaseException as e:  # hand any failure to the consumer instead of dying silently
       put(e)
 
-  def consume() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    thread = threading.Thread(target=work, name='stream_batches', daemon=True)
+  def consume() -> Iterator[Any]:
+    thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
       while True:
-        item = batches.get()
+        item = items.get()
         if item is done:
           return
         if isinstance(item, BaseException):

@@ -8,9 +8,9 @@ import dataclasses
 import textwrap
 from typing import Callable, Sequence
 
-from blockqnn_jax import cost
-from blockqnn_jax import nsc
-from blockqnn_jax.architecture import NetworkSpec
+from blockqnn_jax.models import cost
+from blockqnn_jax.models.architecture import NetworkSpec
+from blockqnn_jax.nsc import grammar as nsc
 
 WIDTH = 96  # the exported files' line length
 

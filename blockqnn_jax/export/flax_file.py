@@ -3,13 +3,13 @@
 ``FLAX`` is what ``common.module_source`` needs to write a module defining ``Network``, the
 network ``networks.BlockNet`` builds (float32), under the same variable names, so the
 variables of a trained ``BlockNet`` load into it unchanged (``load_variables`` reads them
-from the ``.npz`` that ``export.write`` writes)."""
+from the ``.npz`` that ``writer.write`` writes)."""
 
 from __future__ import annotations
 
-from blockqnn_jax import nsc
-from blockqnn_jax.architecture import NetworkSpec
 from blockqnn_jax.export import common
+from blockqnn_jax.models.architecture import NetworkSpec
+from blockqnn_jax.nsc import grammar as nsc
 
 _PCC = '''
 class PCC(nn.Module):

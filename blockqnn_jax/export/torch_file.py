@@ -10,9 +10,9 @@ the file needs no PyTorch.
 
 from __future__ import annotations
 
-from blockqnn_jax import nsc
-from blockqnn_jax.architecture import NetworkSpec
 from blockqnn_jax.export import common
+from blockqnn_jax.models.architecture import NetworkSpec
+from blockqnn_jax.nsc import grammar as nsc
 
 _HELPERS = '''
 def pad_same(x, kernel, stride, value=0.0):

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Iterable, Sequence
 
-from blockqnn_jax.results import Candidate
+from blockqnn_jax.storage.results import Candidate
 
 
 def top_blocks(rows: Iterable[Candidate], k: int) -> list[Candidate]:

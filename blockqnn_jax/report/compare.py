@@ -16,14 +16,14 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-import warnings
 from typing import Any, Sequence
+import warnings
 
 import numpy as np
 
-from blockqnn_jax import store as store_lib
 from blockqnn_jax.report.figures import new_figure, save_figure
-from blockqnn_jax.results import Candidate
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage.results import Candidate
 
 TOP = 10
 

@@ -16,14 +16,11 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from blockqnn_jax import nsc
-from blockqnn_jax.nsc import LayerType
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc.grammar import LayerType
 from blockqnn_jax.report import analysis
-from blockqnn_jax.report.layout import INPUT
-from blockqnn_jax.report.layout import OUTPUT
-from blockqnn_jax.report.layout import layout_block
-from blockqnn_jax.report.layout import node_label
-from blockqnn_jax.results import Candidate
+from blockqnn_jax.report.layout import INPUT, OUTPUT, layout_block, node_label
+from blockqnn_jax.storage.results import Candidate
 
 # One colour map for ε everywhere, so a phase reads the same in every figure.
 _EPSILON_CMAP = 'viridis'

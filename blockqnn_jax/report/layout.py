@@ -10,8 +10,8 @@ import collections
 import dataclasses
 from typing import Hashable, Sequence
 
-from blockqnn_jax import nsc
-from blockqnn_jax.nsc import LayerType
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc.grammar import LayerType
 
 # The two nodes that are not layers: the block's input (NSC predecessor 0) and its output
 # (the concatenation of its leaves).
@@ -97,6 +97,32 @@ def _spaced_fit(targets: Sequence[float], widths: Sequence[float]) -> list[float
   return [y + o for y, o in zip(fitted, offsets)]
 
 
+def _place_x(levels: list[list[Hashable]], segments: list[list[tuple]], dummy_width: float,
+             passes: int) -> dict[Hashable, float]:
+  """x of every node: start packed around 0, then pull every node toward the mean x of its
+  neighbours (levels alternately top-down and bottom-up), keeping each level's order and
+  spacing; a real node takes 1 unit, a dummy ``dummy_width``."""
+  width = {n: dummy_width if isinstance(n, tuple) else 1.0 for level in levels for n in level}
+  x: dict[Hashable, float] = {}
+  for level in levels:
+    left = -sum(width[n] for n in level) / 2
+    for node in level:
+      x[node] = left + width[node] / 2
+      left += width[node]
+  neighbours = collections.defaultdict(list)
+  for level_segments in segments:
+    for a, b in level_segments:
+      neighbours[a].append(b)
+      neighbours[b].append(a)
+  for i in range(2 * passes):
+    for level in (levels if i % 2 == 0 else levels[::-1]):
+      targets = [sum(x[m] for m in neighbours[n]) / len(neighbours[n]) if neighbours[n]
+                 else x[n] for n in level]
+      for node, value in zip(level, _spaced_fit(targets, [width[n] for n in level])):
+        x[node] = value
+  return x
+
+
 def layout_block(block: nsc.Block, sweeps: int = 8, dummy_width: float = 0.45,
                  x_passes: int = 6) -> BlockLayout:
   """A layered (Sugiyama-style) layout of the block's DAG.
@@ -155,26 +181,7 @@ def layout_block(block: nsc.Block, sweeps: int = 8, dummy_width: float = 0.45,
     if crossings < best_crossings:
       best, best_crossings = order, crossings
 
-  # x: start packed around 0, then pull every node toward the mean x of its neighbours
-  # (levels alternately top-down and bottom-up), keeping each level's order and spacing.
-  width = {n: dummy_width if isinstance(n, tuple) else 1.0 for level in best for n in level}
-  x: dict[Hashable, float] = {}
-  for level in best:
-    left = -sum(width[n] for n in level) / 2
-    for node in level:
-      x[node] = left + width[node] / 2
-      left += width[node]
-  neighbours = collections.defaultdict(list)
-  for level_segments in segments:
-    for a, b in level_segments:
-      neighbours[a].append(b)
-      neighbours[b].append(a)
-  for i in range(2 * x_passes):
-    for level in (best if i % 2 == 0 else best[::-1]):
-      targets = [sum(x[m] for m in neighbours[n]) / len(neighbours[n]) if neighbours[n]
-                 else x[n] for n in level]
-      for node, value in zip(level, _spaced_fit(targets, [width[n] for n in level])):
-        x[node] = value
+  x = _place_x(best, segments, dummy_width, x_passes)
   shift = x[INPUT]  # the input at x = 0
   positions = {n: (x[n] - shift, -float(d)) for d, level in enumerate(best) for n in level}
   routes = {edge: tuple(positions[n] for n in chain) for edge, chain in chains.items()}

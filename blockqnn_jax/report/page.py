@@ -12,16 +12,15 @@ import collections
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
+import re
 from typing import Sequence
 
-from blockqnn_jax import confirm
-from blockqnn_jax import nsc
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.report import analysis
-from blockqnn_jax.report import figures
-from blockqnn_jax.results import Candidate
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.report import analysis, figures
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage.results import Candidate
+from blockqnn_jax.strategies import confirm
 
 REPORT_DIR = 'report'
 
@@ -139,6 +138,27 @@ def _evaluation_lines(evidence: confirm.Evidence, rows: Sequence[Candidate],
   return lines
 
 
+def _top_block_lines(top: Sequence[dict]) -> list[str]:
+  """The summary's table of the top blocks (from ``top_block_records``) and their drawings."""
+  lines = ['', f'## Top {len(top)} blocks', '']
+  if not top:
+    return lines + ['No candidate has succeeded yet.']
+  lines += ['Ranked by best single reward; a block evaluated several times shows its mean '
+            'and count (★: the kept block).', '',
+            '| # | reward | mean (evals) | val acc | MFLOPs | params | density | sampled '
+            '| found (it, ε) | NSC |', '|---:|---:|---:|---:|---:|---:|---:|---:|---|---|']
+  for t in top:
+    mflops = None if t['flops'] is None else t['flops'] / 1e6
+    mean = (f'{t["mean_reward"]:.4f} ({t["evaluations"]})' if 'mean_reward' in t else '–')
+    star = ' ★' if t.get('kept') else ''
+    lines.append(
+        f'| {t["rank"]}{star} | {t["reward"]:.4f} | {mean} | {_fmt(t["val_accuracy"])} | '
+        f'{_fmt(mflops, ",.1f")} | {_fmt(t["params"], ",")} | {_fmt(t["density"], ".2f")} | '
+        f'{t["times_sampled"]} | {t["iteration"]}, {t["epsilon"]:g} | `{t["nsc"]}` |')
+  blocks = [f'![#{t["rank"]}](block_{t["rank"]}.png)' for t in top]
+  return lines + ['', ' '.join(blocks)]
+
+
 def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[str, str],
                    source: str = '', config: str | None = None,
                    kept: confirm.Kept | None = None,
@@ -195,24 +215,7 @@ def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[
   for title, image in images.items():
     lines += ['', f'## {title}', '', f'![{title}]({image})']
   lines += list(evaluations)
-  lines += ['', f'## Top {len(top)} blocks', '']
-  if top:
-    lines += ['Ranked by best single reward; a block evaluated several times shows its mean '
-              'and count (★: the kept block).', '',
-              '| # | reward | mean (evals) | val acc | MFLOPs | params | density | sampled '
-              '| found (it, ε) | NSC |', '|---:|---:|---:|---:|---:|---:|---:|---:|---|---|']
-    for t in top:
-      mflops = None if t['flops'] is None else t['flops'] / 1e6
-      mean = (f'{t["mean_reward"]:.4f} ({t["evaluations"]})' if 'mean_reward' in t else '–')
-      star = ' ★' if t.get('kept') else ''
-      lines.append(
-          f'| {t["rank"]}{star} | {t["reward"]:.4f} | {mean} | {_fmt(t["val_accuracy"])} | '
-          f'{_fmt(mflops, ",.1f")} | {_fmt(t["params"], ",")} | {_fmt(t["density"], ".2f")} | '
-          f'{t["times_sampled"]} | {t["iteration"]}, {t["epsilon"]:g} | `{t["nsc"]}` |')
-    blocks = [f'![#{t["rank"]}](block_{t["rank"]}.png)' for t in top]
-    lines += ['', ' '.join(blocks)]
-  else:
-    lines.append('No candidate has succeeded yet.')
+  lines += _top_block_lines(top)
   if config:
     try:
       config = json.dumps(json.loads(config), indent=2, sort_keys=True)

@@ -9,30 +9,7 @@ its default, and a field the dataclass does not know is refused by name. Ranges 
 on construction, so a bad value fails before anything is stored or trained.
 
 One job per module: ``base`` (errors, checks, building from a config, comparing with a
-stored one), ``agent`` (the agent and its ε schedule), ``search`` (the search's sections and
-``SearchSettings``), ``final`` (``FinalSettings``). The names below are the package's
-interface.
+stored one), ``agent`` (the agent, its ε schedule and the confirm rule), ``search`` (the
+search's sections, the reward and ``SearchSettings``), ``final`` (``FinalSettings``). Import
+each name from its module.
 """
-
-from blockqnn_jax.settings.base import (COMPUTE_DTYPES, ConfigMismatch, DATA_SOURCES,
-                                        EXECUTOR_KINDS, FromConfig, PRNG_IMPLS, SettingsError,
-                                        TRAIN_LOOPS, build, differences, flatten, refuse_changes)
-from blockqnn_jax.settings.agent import (AgentSettings, EXPLORATIONS, EpsilonSchedule, FAST_AGENT,
-                                         FAST_CONFIRM,
-                                         FAST_SCHEDULE, PAPER_EPSILON_SCHEDULE, QLearningConfig,
-                                         SCHEDULE_UNITS, STRATEGIES)
-from blockqnn_jax.settings.search import (DataSettings, ExecutorSettings, LoopSettings,
-                                          NetworkSettings, RaySettings, SearchSettings, TrainConfig)
-from blockqnn_jax.settings.final import (FinalDataSettings, FinalNetworkSettings, FinalSettings,
-                                         FinalTrainConfig)
-
-__all__ = [
-    'AgentSettings', 'COMPUTE_DTYPES', 'ConfigMismatch', 'DATA_SOURCES', 'DataSettings',
-    'EXECUTOR_KINDS', 'EXPLORATIONS', 'EpsilonSchedule', 'ExecutorSettings', 'FAST_AGENT',
-    'FAST_CONFIRM',
-    'FAST_SCHEDULE', 'FinalDataSettings', 'FinalNetworkSettings', 'FinalSettings',
-    'FinalTrainConfig', 'FromConfig', 'LoopSettings', 'NetworkSettings', 'PAPER_EPSILON_SCHEDULE',
-    'PRNG_IMPLS', 'QLearningConfig', 'RaySettings', 'SCHEDULE_UNITS', 'STRATEGIES',
-    'SearchSettings', 'SettingsError', 'TRAIN_LOOPS', 'TrainConfig', 'build', 'differences',
-    'flatten', 'refuse_changes',
-]

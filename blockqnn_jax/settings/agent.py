@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from blockqnn_jax.settings.base import _check, _one_of
-
-
+from blockqnn_jax.settings.base import check, one_of
 
 # -- the agent --------------------------------------------------------------------------------
 
@@ -81,6 +79,8 @@ class QLearningConfig:
   monotone: bool = False
 
 
+# The values of ``search.strategy`` (the agent's own fields say which Q-learner);
+# ``strategies.registry.FACTORIES`` also names the Q-learner's two forms for ``Study``.
 STRATEGIES = ('qlearning', 'random', 'evolution', 'local_search')
 EXPLORATIONS = ('epsilon', 'mutation')
 SCHEDULE_UNITS = ('blocks', 'iterations')
@@ -128,16 +128,16 @@ class AgentSettings(QLearningConfig):
   tried_capacity: int = 16384
 
   def __post_init__(self):
-    _check(0 < self.alpha <= 1, 'agent.alpha', 'must be in (0, 1]', self.alpha)
-    _check(0 <= self.gamma <= 1, 'agent.gamma', 'must be in [0, 1]', self.gamma)
-    _check(self.replay_size >= 0, 'agent.replay_size', 'must be >= 0', self.replay_size)
-    _check(self.memory_capacity >= 1, 'agent.memory_capacity', 'must be >= 1',
-           self.memory_capacity)
-    _one_of(self.exploration, EXPLORATIONS, 'agent.exploration')
-    _one_of(self.schedule_unit, SCHEDULE_UNITS, 'agent.schedule_unit')
-    _check(self.max_mutations >= 1, 'agent.max_mutations', 'must be >= 1', self.max_mutations)
+    check(0 < self.alpha <= 1, 'agent.alpha', 'must be in (0, 1]', self.alpha)
+    check(0 <= self.gamma <= 1, 'agent.gamma', 'must be in [0, 1]', self.gamma)
+    check(self.replay_size >= 0, 'agent.replay_size', 'must be >= 0', self.replay_size)
+    check(self.memory_capacity >= 1, 'agent.memory_capacity', 'must be >= 1',
+          self.memory_capacity)
+    one_of(self.exploration, EXPLORATIONS, 'agent.exploration')
+    one_of(self.schedule_unit, SCHEDULE_UNITS, 'agent.schedule_unit')
+    check(self.max_mutations >= 1, 'agent.max_mutations', 'must be >= 1', self.max_mutations)
     for name in ('mutation_rate', 'max_resamples', 'tried_capacity'):
-      _check(getattr(self, name) >= 0, f'agent.{name}', 'must be >= 0', getattr(self, name))
+      check(getattr(self, name) >= 0, f'agent.{name}', 'must be >= 0', getattr(self, name))
 
   @property
   def qlearning(self) -> QLearningConfig:
@@ -167,3 +167,41 @@ FAST_SCHEDULE = ((1.0, 1), (0.0, 9))
 # (``benchmarks.nb201 --noise=1``, 100 trainings) it cut the kept cell's regret by 15-20%,
 # where 2 evaluations gained less and 4 or more spent too much of the budget.
 FAST_CONFIRM = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Confirm:
+  """The incumbent/challenger rule's settings (``search.confirm``; see the module docstring).
+
+  Attributes:
+    max_evaluations: most evaluations of one block (1: never evaluate a block again, and
+      the kept block is the best single reward: the rule is off).
+    slack: a challenger stays in while its mean is no more than ``slack`` standard errors
+      of the difference below the incumbent's (0: while it is at least as good).
+    decisive: a gap of more than this many standard errors decides without another
+      evaluation (once the noise is known).
+    min_repeats: degrees of freedom of the pooled noise estimate (repeats beyond a block's
+      first evaluation) before it is trusted.
+  """
+
+  max_evaluations: int = 3
+  slack: float = 0.0
+  decisive: float = 3.0
+  min_repeats: int = 2
+
+  def __post_init__(self):
+    if self.max_evaluations < 1:
+      raise ValueError(f'confirm.max_evaluations must be >= 1, got {self.max_evaluations}')
+    if self.slack < 0 or self.decisive < 0:
+      raise ValueError('confirm.slack and confirm.decisive must be >= 0')
+    if self.min_repeats < 1:
+      raise ValueError(f'confirm.min_repeats must be >= 1, got {self.min_repeats}')
+
+  @property
+  def active(self) -> bool:
+    """Whether any block is ever evaluated twice."""
+    return self.max_evaluations > 1
+
+
+# The rule off: every block evaluated once, the kept block the best single reward.
+OFF = Confirm(max_evaluations=1)

@@ -7,12 +7,6 @@ import dataclasses
 import json
 from typing import Any, Mapping
 
-from typing import TYPE_CHECKING
-if TYPE_CHECKING:  # annotations only
-  from blockqnn_jax.settings.search import SearchSettings
-
-
-
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
 TRAIN_LOOPS = ('auto', 'scan', 'steps')
 PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
@@ -29,13 +23,13 @@ class ConfigMismatch(RuntimeError):
   """A workdir holds a run (a search, a retraining) with other settings."""
 
 
-def _check(condition: bool, field: str, message: str, value: Any) -> None:
+def check(condition: bool, field: str, message: str, value: Any) -> None:
   if not condition:
     raise SettingsError(f'{field} {message}, got {value!r}')
 
 
-def _one_of(value: Any, choices: tuple[str, ...], field: str) -> None:
-  _check(value in choices, field, f'must be one of {", ".join(map(repr, choices))}', value)
+def one_of(value: Any, choices: tuple[str, ...], field: str) -> None:
+  check(value in choices, field, f'must be one of {", ".join(map(repr, choices))}', value)
 
 
 
@@ -148,9 +142,10 @@ def refuse_changes(where: str, old: Mapping[str, Any] | None, new: Mapping[str, 
   return changed
 
 
-def differences(old: SearchSettings, new: SearchSettings, *,
+def differences(old: FromConfig, new: FromConfig, *,
                 ignore: tuple[str, ...] = ()) -> list[str]:
-  """Dotted fields whose values differ, except those starting with a prefix in ``ignore``."""
+  """Dotted fields of two settings (``SearchSettings``, ``FinalSettings``) whose values
+  differ, except those starting with a prefix in ``ignore``."""
   a, b = flatten(old.to_dict()), flatten(new.to_dict())
   return sorted(k for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and not k.startswith(ignore))

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from blockqnn_jax import nsc
-from blockqnn_jax.settings.base import (COMPUTE_DTYPES, DATA_SOURCES, FromConfig, PRNG_IMPLS,
-                                        _check, _one_of)
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.base import (
+  COMPUTE_DTYPES,
+  DATA_SOURCES,
+  PRNG_IMPLS,
+  FromConfig,
+  check,
+  one_of,
+)
 from blockqnn_jax.settings.search import DataSettings, NetworkSettings
-
 
 # -- the final retraining (``training.final``) -----------------------------------------------
 
@@ -66,14 +71,14 @@ class FinalTrainConfig:
   def __post_init__(self):
     for name in ('epochs', 'batch_size', 'eval_batch_size', 'eval_every_epochs',
                  'checkpoint_every_epochs'):
-      _check(int(getattr(self, name)) >= 1, f'train.{name}', 'must be positive',
-             getattr(self, name))
-    _check(0 <= self.warmup_epochs < self.epochs, 'train.warmup_epochs',
-           f'must be in [0, epochs={self.epochs})', self.warmup_epochs)
-    _check(0 <= self.label_smoothing < 1, 'train.label_smoothing', 'must be in [0, 1)',
-           self.label_smoothing)
-    _one_of(self.compute_dtype, COMPUTE_DTYPES, 'train.compute_dtype')
-    _one_of(self.prng_impl, PRNG_IMPLS, 'train.prng_impl')
+      check(int(getattr(self, name)) >= 1, f'train.{name}', 'must be positive',
+            getattr(self, name))
+    check(0 <= self.warmup_epochs < self.epochs, 'train.warmup_epochs',
+          f'must be in [0, epochs={self.epochs})', self.warmup_epochs)
+    check(0 <= self.label_smoothing < 1, 'train.label_smoothing', 'must be in [0, 1)',
+          self.label_smoothing)
+    one_of(self.compute_dtype, COMPUTE_DTYPES, 'train.compute_dtype')
+    one_of(self.prng_impl, PRNG_IMPLS, 'train.prng_impl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +107,12 @@ class FinalDataSettings(DataSettings):
 
   def __post_init__(self):
     # Not DataSettings' checks: those refuse validation_size 0, which is the default here.
-    _one_of(self.source, DATA_SOURCES, 'data.source')
-    _check(self.validation_size >= 0, 'data.validation_size', 'must be >= 0 (0 = none)',
-           self.validation_size)
-    _check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
-    _check(not self.stream, 'data.stream',
-           'must be off: the final network trains on data held in memory', self.stream)
+    one_of(self.source, DATA_SOURCES, 'data.source')
+    check(self.validation_size >= 0, 'data.validation_size', 'must be >= 0 (0 = none)',
+          self.validation_size)
+    check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
+    check(not self.stream, 'data.stream',
+          'must be off: the final network trains on data held in memory', self.stream)
 
 
 @dataclasses.dataclass(frozen=True)

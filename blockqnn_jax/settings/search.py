@@ -5,14 +5,43 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from blockqnn_jax import nsc
-from blockqnn_jax.results import RewardConfig
-from blockqnn_jax.confirm import Confirm
-from blockqnn_jax.settings.agent import (FAST_AGENT, FAST_CONFIRM, PAPER_EPSILON_SCHEDULE,
-                                         STRATEGIES, AgentSettings, EpsilonSchedule)
-from blockqnn_jax.settings.base import (COMPUTE_DTYPES, DATA_SOURCES, EXECUTOR_KINDS, FromConfig,
-                                        PRNG_IMPLS, TRAIN_LOOPS, SettingsError, _check,
-                                        _one_of)
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.agent import (
+  FAST_AGENT,
+  FAST_CONFIRM,
+  PAPER_EPSILON_SCHEDULE,
+  STRATEGIES,
+  AgentSettings,
+  Confirm,
+  EpsilonSchedule,
+)
+from blockqnn_jax.settings.base import (
+  COMPUTE_DTYPES,
+  DATA_SOURCES,
+  EXECUTOR_KINDS,
+  PRNG_IMPLS,
+  TRAIN_LOOPS,
+  FromConfig,
+  SettingsError,
+  check,
+  one_of,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """``reward = accuracy − μ·log(FLOPs / reference) − ρ·log(density)`` [reconstructed].
+
+  FLOPs are the block's own forward FLOPs per image at the first stage (width F, full
+  resolution), normalised by those of a reference block: one 3×3 convolution F → F at the
+  same size. Blocks cheaper than the reference get no bonus (the ratio is floored at 1), so
+  the FLOPs term is a pure penalty. With the defaults a typical block of a few 3×3 convs
+  (ratio ~5-20) loses 1.6-3 points for FLOPs and ~1 point per unit of log-density: a few
+  accuracy points, as the paper intends. μ = ρ = 0 gives plain accuracy.
+  """
+
+  mu: float = 0.01
+  rho: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +64,8 @@ class TrainConfig:
       (XLA's RngBitGenerator) compiles in a fraction of threefry's time — threefry's
       unrolled hash was over half of a small candidate's compile time on CPU — at the cost
       of bit streams that differ between backends.
-    loop: how the training steps run. 'scan': the whole training (all epochs) is one XLA
-      program, a ``lax.scan`` over steps; 'steps': one compiled step per batch driven from
+    loop: how the training steps run. 'scan': each epoch is one XLA program, a ``lax.scan``
+      over its steps; 'steps': one compiled step per batch driven from
       Python (same keys, same batches, same updates); 'auto': 'steps' on CPU, where XLA runs
       a scanned body 9-20x slower than the same step dispatched alone (benchmarks/
       evaluate.py), 'scan' on GPU/TPU.
@@ -68,14 +97,14 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ('epochs', 'batch_size', 'lr_decay_epochs', 'eval_batch_size'):
-      _check(int(getattr(self, name)) >= 1, f'train.{name}', 'must be >= 1',
-             getattr(self, name))
-    _check(self.learning_rate > 0, 'train.learning_rate', 'must be > 0', self.learning_rate)
-    _check(self.lr_decay > 0, 'train.lr_decay', 'must be > 0', self.lr_decay)
-    _check(self.weight_decay >= 0, 'train.weight_decay', 'must be >= 0', self.weight_decay)
-    _one_of(self.compute_dtype, COMPUTE_DTYPES, 'train.compute_dtype')
-    _one_of(self.loop, TRAIN_LOOPS, 'train.loop')
-    _one_of(self.prng_impl, PRNG_IMPLS, 'train.prng_impl')
+      check(int(getattr(self, name)) >= 1, f'train.{name}', 'must be >= 1',
+            getattr(self, name))
+    check(self.learning_rate > 0, 'train.learning_rate', 'must be > 0', self.learning_rate)
+    check(self.lr_decay > 0, 'train.lr_decay', 'must be > 0', self.lr_decay)
+    check(self.weight_decay >= 0, 'train.weight_decay', 'must be >= 0', self.weight_decay)
+    one_of(self.compute_dtype, COMPUTE_DTYPES, 'train.compute_dtype')
+    one_of(self.loop, TRAIN_LOOPS, 'train.loop')
+    one_of(self.prng_impl, PRNG_IMPLS, 'train.prng_impl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +129,10 @@ class NetworkSettings:
   scan_blocks: bool = False
 
   def __post_init__(self):
-    _one_of(self.kind, ('cifar', 'imagenet'), 'network.kind')
+    one_of(self.kind, ('cifar', 'imagenet'), 'network.kind')
     for name in ('num_blocks', 'features', 'num_classes', 'image_size'):
-      _check(int(getattr(self, name)) >= 1, f'network.{name}', 'must be >= 1',
-             getattr(self, name))
+      check(int(getattr(self, name)) >= 1, f'network.{name}', 'must be >= 1',
+            getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,12 +172,12 @@ class DataSettings:
     return seed if self.holdout_seed < 0 else self.holdout_seed
 
   def __post_init__(self):
-    _one_of(self.source, DATA_SOURCES, 'data.source')
-    _check(self.validation_size > 0, 'data.validation_size',
-           'must be > 0 (the reward is measured on it)', self.validation_size)
-    _check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
-    _check(self.decode_threads >= 1, 'data.decode_threads', 'must be >= 1',
-           self.decode_threads)
+    one_of(self.source, DATA_SOURCES, 'data.source')
+    check(self.validation_size > 0, 'data.validation_size',
+          'must be > 0 (the reward is measured on it)', self.validation_size)
+    check(self.max_train >= 0, 'data.max_train', 'must be >= 0 (0 = all)', self.max_train)
+    check(self.decode_threads >= 1, 'data.decode_threads', 'must be >= 1',
+          self.decode_threads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,24 +233,24 @@ class LoopSettings:
   confirm: int = 1
 
   def __post_init__(self):
-    _check(self.confirm >= 1, 'search.confirm', 'must be >= 1 (1: off)', self.confirm)
+    check(self.confirm >= 1, 'search.confirm', 'must be >= 1 (1: off)', self.confirm)
     schedule = tuple((float(e), int(n)) for e, n in self.epsilon_schedule)
     object.__setattr__(self, 'epsilon_schedule', schedule)
-    _check(self.blocks_per_iteration >= 1, 'search.blocks_per_iteration', 'must be >= 1',
-           self.blocks_per_iteration)
-    _check(self.max_staleness >= 0, 'search.max_staleness', 'must be >= 0',
-           self.max_staleness)
-    _check(self.stop_after_failures >= 0, 'search.stop_after_failures', 'must be >= 0',
-           self.stop_after_failures)
-    _check(self.budget >= 0, 'search.budget', 'must be >= 0 (0: the schedule decides)',
-           self.budget)
-    _one_of(self.strategy, STRATEGIES, 'search.strategy')
-    _check(1 <= self.tournament <= self.population, 'search.tournament',
-           f'must be in [1, population={self.population}]', self.tournament)
-    _check(bool(schedule), 'search.epsilon_schedule', 'must not be empty', schedule)
+    check(self.blocks_per_iteration >= 1, 'search.blocks_per_iteration', 'must be >= 1',
+          self.blocks_per_iteration)
+    check(self.max_staleness >= 0, 'search.max_staleness', 'must be >= 0',
+          self.max_staleness)
+    check(self.stop_after_failures >= 0, 'search.stop_after_failures', 'must be >= 0',
+          self.stop_after_failures)
+    check(self.budget >= 0, 'search.budget', 'must be >= 0 (0: the schedule decides)',
+          self.budget)
+    one_of(self.strategy, STRATEGIES, 'search.strategy')
+    check(1 <= self.tournament <= self.population, 'search.tournament',
+          f'must be in [1, population={self.population}]', self.tournament)
+    check(bool(schedule), 'search.epsilon_schedule', 'must not be empty', schedule)
     for e, n in schedule:
-      _check(0.0 <= e <= 1.0, 'search.epsilon_schedule', 'needs every ε in [0, 1]', schedule)
-      _check(n >= 1, 'search.epsilon_schedule', 'needs every phase >= 1 iteration', schedule)
+      check(0.0 <= e <= 1.0, 'search.epsilon_schedule', 'needs every ε in [0, 1]', schedule)
+      check(n >= 1, 'search.epsilon_schedule', 'needs every phase >= 1 iteration', schedule)
 
   @property
   def schedule(self) -> EpsilonSchedule:
@@ -261,12 +290,12 @@ class RaySettings:
   cpu_devices_per_worker: int = 1
 
   def __post_init__(self):
-    _check(self.num_workers >= 0, 'executor.ray.num_workers', 'must be >= 0',
-           self.num_workers)
-    _check(self.max_attempts >= 1, 'executor.ray.max_attempts', 'must be >= 1',
-           self.max_attempts)
-    _check(self.jobs_per_worker >= 1, 'executor.ray.jobs_per_worker', 'must be >= 1',
-           self.jobs_per_worker)
+    check(self.num_workers >= 0, 'executor.ray.num_workers', 'must be >= 0',
+          self.num_workers)
+    check(self.max_attempts >= 1, 'executor.ray.max_attempts', 'must be >= 1',
+          self.max_attempts)
+    check(self.jobs_per_worker >= 1, 'executor.ray.jobs_per_worker', 'must be >= 1',
+          self.jobs_per_worker)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,11 +320,11 @@ class ExecutorSettings:
   ray: RaySettings = RaySettings()
 
   def __post_init__(self):
-    _one_of(self.kind, EXECUTOR_KINDS, 'executor.kind')
-    _check(self.devices_per_candidate >= 1, 'executor.devices_per_candidate', 'must be >= 1',
-           self.devices_per_candidate)
-    _check(self.workers_per_device >= 1, 'executor.workers_per_device', 'must be >= 1',
-           self.workers_per_device)
+    one_of(self.kind, EXECUTOR_KINDS, 'executor.kind')
+    check(self.devices_per_candidate >= 1, 'executor.devices_per_candidate', 'must be >= 1',
+          self.devices_per_candidate)
+    check(self.workers_per_device >= 1, 'executor.workers_per_device', 'must be >= 1',
+          self.workers_per_device)
 
 
 @dataclasses.dataclass(frozen=True)

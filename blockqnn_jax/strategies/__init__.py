@@ -11,7 +11,7 @@ pure functions make a strategy:
 
 ``proposals`` is a ``qlearning.Trajectories`` (``states`` ``(n, T+1)`` int32 state ids, start
 state first, padded past the terminal; ``lengths`` ``(n,)`` layers including the terminal),
-exactly what the search loop stores today; ``rewards`` is ``(n,)`` float32, one per proposal,
+exactly what the search loop stores; ``rewards`` is ``(n,)`` float32, one per proposal,
 repeats included (a repeat's reward is its stored one). ``iteration`` is the 0-based number
 of the ask (only the Q-learner reads it, for its ε schedule). ``budget`` (optional) is the
 number of distinct blocks the search will train; only budget-sized strategies read it.
@@ -21,16 +21,17 @@ Always continue from the state ``ask`` and ``tell`` return: ``ask`` may move the
 re-asks an interrupted iteration and gets what it asked before. All functions jit; the
 strategy is a static argument.
 
-One job per module: ``interface`` (the protocol), ``paths`` (legal paths, random paths,
-neighbours, mutations), ``tried`` (block hashes and the tried set), ``random_search``,
-``evolution``, ``local_search``, ``qlearner`` (the paper's and the fast agent),
-``registry`` (by name) and ``state`` (save and restore). The names below are the package's
-interface.
+One job per module: ``qlearning`` (BlockQNN's Q-learning functions over a Q array),
+``interface`` (the protocol), ``paths`` (legal paths, random paths, neighbours, mutations),
+``tried`` (block hashes and the tried set), ``random_search``, ``evolution``,
+``local_search``, ``qlearner`` (the paper's and the fast agent as strategies), ``registry``
+(by name), ``state`` (save and restore) and ``confirm`` (the incumbent/challenger rule: which
+block earns another evaluation, which one is kept; no JAX). Import each name from its module.
 
-The strategies (``make_strategy(name)``; ``STRATEGIES`` is the registry):
+The strategies (``make_strategy(name)``; ``registry.FACTORIES`` maps names to them):
 
 * ``qlearning`` / ``qlearning_paper`` — BlockQNN's agent, exactly ``qlearning.sample_blocks``
-  then ``qlearning.learn``: the paper preset makes bit-for-bit the samples it makes today.
+  then ``qlearning.learn`` (the pinned digests of ``tests/test_pinned.py`` hold it to them).
 * ``qlearning_fast`` — the same agent with ingredients that go beyond the paper, tuned for
   budgets of a few hundred blocks (``fast_qlearner``; see ``QLearner`` for each field).
 * ``random`` — a uniform legal action at every step (the paper's ε = 1 agent): uniform over
@@ -55,26 +56,3 @@ cannot exclude by themselves. The paper's agent samples what it always sampled, 
 includes such blocks (44% of ε = 1 samples at T = 23, 32% at T = 11); ``path_valid`` is the
 check a search loop can apply to them.
 """
-
-from blockqnn_jax.strategies.evolution import AgingEvolution, EvolutionState
-from blockqnn_jax.strategies.interface import Strategy, Trajectories
-from blockqnn_jax.strategies.local_search import LocalSearch, LocalSearchState
-from blockqnn_jax.strategies.paths import (MUTATION_ATTEMPTS, mutate, mutation_uniforms,
-                                           neighbours, path_valid, random_paths)
-from blockqnn_jax.strategies.qlearner import QLearner, QLearnerState, fast_qlearner
-from blockqnn_jax.strategies.random_search import RandomSearch, RandomState
-from blockqnn_jax.strategies.registry import (STRATEGIES, for_settings, make_strategy,
-                                              proposal_epsilon)
-from blockqnn_jax.strategies.state import (planned_iterations, restore_saved_state, restore_state,
-                                           state_arrays)
-from blockqnn_jax.strategies.tried import (TriedSet, init_tried, key_hash, path_hash,
-                                           tried_add, tried_contains)
-
-__all__ = [
-    'AgingEvolution', 'EvolutionState', 'LocalSearch', 'LocalSearchState',
-    'MUTATION_ATTEMPTS', 'for_settings', 'proposal_epsilon', 'restore_saved_state', 'QLearner', 'QLearnerState', 'RandomSearch', 'RandomState',
-    'STRATEGIES', 'Strategy', 'Trajectories', 'TriedSet', 'fast_qlearner',
-    'init_tried', 'key_hash', 'make_strategy', 'mutate', 'mutation_uniforms', 'neighbours',
-    'path_hash', 'path_valid', 'planned_iterations', 'random_paths', 'restore_state',
-    'state_arrays', 'tried_add', 'tried_contains',
-]

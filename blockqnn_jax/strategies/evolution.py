@@ -9,9 +9,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockqnn_jax.space import SearchSpace
-from blockqnn_jax.strategies.interface import Trajectories
-from blockqnn_jax.strategies.paths import _select, mutate, mutation_uniforms, random_paths
+from blockqnn_jax.nsc.space import SearchSpace
+from blockqnn_jax.strategies.paths import select, mutate, mutation_uniforms, random_paths
+from blockqnn_jax.strategies.qlearning import Trajectories
 
 
 @flax.struct.dataclass
@@ -82,7 +82,7 @@ def _evolution_ask(self: AgingEvolution, space, state: EvolutionState, key, n: i
   # Slot j is still part of the random initial population if fewer than P blocks will have
   # been told before it (an empty population has no parent at all).
   initial = (state.told + jnp.arange(n) < p) | (state.size == 0)
-  return _select(initial, fresh, children)
+  return select(initial, fresh, children)
 
 
 @functools.partial(jax.jit, static_argnames=('self',))

@@ -6,10 +6,8 @@ from typing import Any, Protocol
 
 import jax
 
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax.space import SearchSpace
-
-Trajectories = ql.Trajectories
+from blockqnn_jax.nsc.space import SearchSpace
+from blockqnn_jax.strategies.qlearning import Trajectories
 
 
 class Strategy(Protocol):

@@ -9,9 +9,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockqnn_jax.space import SearchSpace
-from blockqnn_jax.strategies.interface import Trajectories
+from blockqnn_jax.nsc.space import SearchSpace
 from blockqnn_jax.strategies.paths import neighbours, random_paths
+from blockqnn_jax.strategies.qlearning import Trajectories
 
 
 @flax.struct.dataclass

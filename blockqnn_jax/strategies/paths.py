@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax.nsc import LayerType
-from blockqnn_jax.space import SearchSpace
-from blockqnn_jax.strategies.interface import Trajectories
+from blockqnn_jax.nsc.grammar import LayerType
+from blockqnn_jax.nsc.space import SearchSpace
+from blockqnn_jax.strategies.qlearning import Trajectories
 from blockqnn_jax.strategies.tried import key_hash
 
 
@@ -241,7 +241,7 @@ def mutate(space: SearchSpace, key: jax.Array, trajectories: Trajectories,
   return Trajectories(states=states, lengths=lengths)
 
 
-def _select(mask: jnp.ndarray, a: Trajectories, b: Trajectories) -> Trajectories:
+def select(mask: jnp.ndarray, a: Trajectories, b: Trajectories) -> Trajectories:
   """Per path, ``a`` where ``mask`` else ``b``."""
   return Trajectories(states=jnp.where(mask[..., None], a.states, b.states),
                       lengths=jnp.where(mask, a.lengths, b.lengths))

@@ -10,16 +10,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax.settings import AgentSettings, EpsilonSchedule, FAST_AGENT, FAST_SCHEDULE
-from blockqnn_jax.space import SearchSpace
-from blockqnn_jax.strategies.paths import _select, mutate, mutation_uniforms, path_valid, random_paths
-from blockqnn_jax.strategies.tried import TriedSet, _first_acceptable, init_tried, key_hash, tried_add, tried_contains
+from blockqnn_jax.nsc.space import SearchSpace
+from blockqnn_jax.settings.agent import FAST_AGENT, FAST_SCHEDULE, AgentSettings, EpsilonSchedule
+from blockqnn_jax.strategies import qlearning as ql
+from blockqnn_jax.strategies.paths import (
+  select,
+  mutate,
+  mutation_uniforms,
+  path_valid,
+  random_paths,
+)
+from blockqnn_jax.strategies.tried import (
+  TriedSet,
+  first_acceptable,
+  init_tried,
+  key_hash,
+  tried_add,
+  tried_contains,
+)
 
 
 @flax.struct.dataclass
 class QLearnerState:
-  """The agent's Q-table and replay memory (as the search saves them today), plus what only
+  """The agent's Q-table and replay memory (as the search saves them), plus what only
   the budget-sized agent reads: the blocks already told and how many distinct ones."""
 
   q: jnp.ndarray  # (num_states, max_actions) float32
@@ -160,16 +173,16 @@ def _qlearner_ask(self: QLearner, space, state: QLearnerState, key, n: int, iter
     for m in range(agent.max_mutations):
       mutant = mutate(space, None, candidates,
                       u[:, 2 + m * per_mutation:2 + (m + 1) * per_mutation])
-      candidates = _select(count > m, mutant, candidates)
-    candidates = _select(u[:, 1] < epsilon, rand, candidates)  # ε: a uniform random block
+      candidates = select(count > m, mutant, candidates)
+    candidates = select(u[:, 1] < epsilon, rand, candidates)  # ε: a uniform random block
   acceptable = path_valid(space, candidates.states, candidates.lengths)
   if agent.avoid_repeats:
     acceptable &= ~tried_contains(state.tried, key_hash(space, candidates.states))
   candidates = jax.tree.map(lambda x: x.reshape(draws, n, *x.shape[1:]), candidates)
   acceptable = acceptable.reshape(draws, n)
   levels = _mutation_levels(draws, agent.max_mutations, agent.avoid_repeats)
-  proposals = _first_acceptable(space, candidates, acceptable, fallback,
-                                agent.avoid_repeats)
+  proposals = first_acceptable(space, candidates, acceptable, fallback,
+                               agent.avoid_repeats)
   if not self._restarts:
     return state, proposals
   # Slot 0 sees only the told blocks (later slots also avoid earlier ones): if nothing
@@ -180,7 +193,7 @@ def _qlearner_ask(self: QLearner, space, state: QLearnerState, key, n: int, iter
       q=jnp.where(stuck, fresh.q, state.q),
       memory=jax.tree.map(lambda a, b: jnp.where(stuck, a, b), fresh.memory, state.memory),
       restarts=state.restarts + stuck.astype(jnp.int32))
-  return state, _select(jnp.broadcast_to(stuck, (n,)), fallback, proposals)
+  return state, select(jnp.broadcast_to(stuck, (n,)), fallback, proposals)
 
 
 def _poisson_cdf(rate: float, cap: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockqnn_jax.space import SearchSpace
+from blockqnn_jax.nsc.space import SearchSpace
 from blockqnn_jax.strategies.paths import random_paths
 
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from blockqnn_jax.settings import SearchSettings
-
+from blockqnn_jax.settings.search import SearchSettings
 from blockqnn_jax.strategies.evolution import AgingEvolution
 from blockqnn_jax.strategies.interface import Strategy
 from blockqnn_jax.strategies.local_search import LocalSearch
 from blockqnn_jax.strategies.qlearner import QLearner, fast_qlearner
 from blockqnn_jax.strategies.random_search import RandomSearch
 
-
-STRATEGIES: dict[str, Callable[..., Strategy]] = {
+FACTORIES: dict[str, Callable[..., Strategy]] = {
     'qlearning': QLearner,
     'qlearning_paper': QLearner,
     'qlearning_fast': fast_qlearner,
@@ -24,13 +22,13 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
 
 
 def make_strategy(name: str, **kwargs) -> Strategy:
-  """A strategy by name (``STRATEGIES``); ``kwargs`` go to its constructor.
+  """A strategy by name (``FACTORIES``); ``kwargs`` go to its constructor.
 
   ``qlearning_fast`` needs ``budget`` (distinct blocks the search will train).
   """
-  if name not in STRATEGIES:
-    raise KeyError(f'unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}')
-  return STRATEGIES[name](**kwargs)
+  if name not in FACTORIES:
+    raise KeyError(f'unknown strategy {name!r}; expected one of {sorted(FACTORIES)}')
+  return FACTORIES[name](**kwargs)
 
 
 def for_settings(settings: SearchSettings) -> Strategy:

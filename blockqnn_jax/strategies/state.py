@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax.space import SearchSpace
+from blockqnn_jax.nsc.space import SearchSpace
 from blockqnn_jax.strategies.interface import Strategy
 
 

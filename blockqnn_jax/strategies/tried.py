@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax.space import SearchSpace
-from blockqnn_jax.strategies.interface import Trajectories
+from blockqnn_jax.nsc.space import SearchSpace
+from blockqnn_jax.strategies.qlearning import Trajectories
 
 
 def _hash32(x: jnp.ndarray) -> jnp.ndarray:
@@ -42,7 +42,7 @@ def path_hash(states: jnp.ndarray) -> jnp.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _host_space(grammar) -> SearchSpace:
-  from blockqnn_jax import space as space_lib  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.nsc import space as space_lib  # pylint: disable=import-outside-toplevel
   return space_lib.build_space(grammar)
 
 
@@ -50,8 +50,8 @@ def _host_space(grammar) -> SearchSpace:
 def _canonical_hash(grammar, row: tuple[int, ...]) -> tuple[int, int]:
   """Two uint32 of the sha256 of a path's canonical key (``canonical.canonical_key``); a
   row that is no block (an empty slot of a population) hashes as its raw states."""
-  from blockqnn_jax import canonical  # pylint: disable=import-outside-toplevel
-  from blockqnn_jax import nsc  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.nsc import canonical  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.nsc import grammar as nsc  # pylint: disable=import-outside-toplevel
   try:
     key = canonical.canonical_key(_host_space(grammar).decode(np.asarray(row)))
   except nsc.NSCError:
@@ -128,8 +128,8 @@ def tried_add(tried: TriedSet, hashes: jnp.ndarray) -> tuple[TriedSet, jnp.ndarr
   return tried, new_count
 
 
-def _first_acceptable(space: SearchSpace, candidates: Trajectories, acceptable: jnp.ndarray,
-                      fallback: Trajectories, avoid_duplicates: bool) -> Trajectories:
+def first_acceptable(space: SearchSpace, candidates: Trajectories, acceptable: jnp.ndarray,
+                     fallback: Trajectories, avoid_duplicates: bool) -> Trajectories:
   """Per slot, the first acceptable of K candidates, else the fallback.
 
   Args:

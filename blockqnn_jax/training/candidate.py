@@ -38,27 +38,23 @@ import time
 from typing import Any, Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import nsc
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.results import EvalResult, RewardConfig
-from blockqnn_jax.settings import NetworkSettings, TrainConfig
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import NetworkSettings, RewardConfig, TrainConfig
+from blockqnn_jax.storage.results import EvalResult
 from blockqnn_jax.training import engine
-# The pieces a candidate is made of, under the names callers have always used here.
 from blockqnn_jax.training.compile_cache import CompileCache
-from blockqnn_jax.training.compile_cache import enable_persistent_compilation_cache
 from blockqnn_jax.training.devices import DeviceGroup
-from blockqnn_jax.training.devices import DeviceMesh
-from blockqnn_jax.training.scorer import CandidateScorer
-from blockqnn_jax.training.scorer import Trained
+from blockqnn_jax.training.scorer import CandidateScorer, Trained
 
-__all__ = ['CandidateScorer', 'CandidateTrainer', 'CompileCache', 'CompiledCandidate',
-           'DeviceGroup', 'DeviceMesh', 'Trained', 'candidate_optimizer', 'candidate_step',
-           'enable_persistent_compilation_cache', 'evaluate', 'initial_state']
+__all__ = ['CandidateTrainer', 'CompiledCandidate', 'candidate_optimizer', 'candidate_step',
+           'evaluate', 'initial_state']
 
 
 def candidate_optimizer(config: TrainConfig, steps_per_epoch: int
@@ -273,7 +269,7 @@ class CandidateTrainer(CandidateScorer):
 
 
 def evaluate(block: nsc.Block, train_config: TrainConfig, reward_config: RewardConfig,
-             network: NetworkSettings, splits: data_lib.ImageSplits,
+             network: NetworkSettings, splits: splits_lib.ImageSplits,
              devices: Sequence[jax.Device] | None = None, seed: int = 0,
              grammar: nsc.Grammar | None = None) -> EvalResult:
   """Scores one block on ``devices`` (default: the first local device).

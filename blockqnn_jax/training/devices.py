@@ -6,10 +6,11 @@ import dataclasses
 from typing import Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from blockqnn_jax import data as data_lib
+from blockqnn_jax.data import splits as splits_lib
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ class DeviceGroup(DeviceMesh):
   num_classes: int
 
   @classmethod
-  def place(cls, splits: data_lib.ImageSplits, devices: Sequence[jax.Device]) -> 'DeviceGroup':
+  def place(cls, splits: splits_lib.ImageSplits, devices: Sequence[jax.Device]) -> 'DeviceGroup':
     """Copies the train and validation splits to ``devices`` (replicated on each)."""
     on = DeviceMesh.of(devices)
     put = lambda a: jax.device_put(a, on.replicated)

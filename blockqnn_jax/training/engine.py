@@ -28,20 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import results as results_lib
+from blockqnn_jax.data import augmentation
+from blockqnn_jax.storage import results as results_lib
 
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+JAX_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def resolve_dtype(compute_dtype: str, platform: str) -> Any:
   """The computation dtype: 'auto' is bfloat16 off CPU, float32 on CPU."""
   if compute_dtype == 'auto':
     return jnp.float32 if platform == 'cpu' else jnp.bfloat16
-  if compute_dtype not in COMPUTE_DTYPES:
+  if compute_dtype not in JAX_DTYPES:
     raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got "
                      f'{compute_dtype!r}')
-  return COMPUTE_DTYPES[compute_dtype]
+  return JAX_DTYPES[compute_dtype]
 
 
 def resolve_loop(loop: str, platform: str) -> str:
@@ -184,7 +184,7 @@ def augment_batch(key: jax.Array, images: jax.Array, options: StepOptions) -> ja
   ``options.augment``, else unchanged (uint8 in, uint8 out)."""
   if not options.augment:
     return images
-  return data_lib.crop_and_flip(key, images, pad=options.crop_padding)
+  return augmentation.crop_and_flip(key, images, pad=options.crop_padding)
 
 
 def fit_step(state: TrainState, pixels: jax.Array, labels: jax.Array, mean: jax.Array,
@@ -205,7 +205,7 @@ def fit_step(state: TrainState, pixels: jax.Array, labels: jax.Array, mean: jax.
     ``(new state, (loss, accuracy))``: the batch's mean cross-entropy (without any L2
     term) and accuracy, ``()`` float32, measured before the update.
   """
-  x = data_lib.normalize(pixels, mean, std)
+  x = augmentation.normalize(pixels, mean, std)
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
@@ -388,7 +388,7 @@ def eval_sums(params: Any, batch_stats: Any, images: jax.Array, labels: jax.Arra
   """Weighted correct count and summed cross-entropy of one batch, BatchNorm in inference
   mode; ``weights`` is 1 for a real image and 0 for padding."""
   logits = model.apply({'params': params, 'batch_stats': batch_stats},
-                       data_lib.normalize(images, mean, std), train=False)
+                       augmentation.normalize(images, mean, std), train=False)
   correct = ((logits.argmax(-1) == labels) * weights).sum()
   return correct, (cross_entropy(logits, labels) * weights).sum()
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from blockqnn_jax import networks
-from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.results import EvalResult, RewardConfig
-from blockqnn_jax.settings import NetworkSettings, TrainConfig
+from blockqnn_jax.models import networks
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import NetworkSettings, RewardConfig, TrainConfig
+from blockqnn_jax.storage import results
+from blockqnn_jax.storage.results import EvalResult
 from blockqnn_jax.training import engine
 from blockqnn_jax.training.compile_cache import CompileCache
 from blockqnn_jax.training.devices import DeviceMesh

@@ -21,19 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import nsc
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.results import RewardConfig
-from blockqnn_jax.settings import NetworkSettings, TrainConfig
+from blockqnn_jax.data.stream import OpenStream
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import NetworkSettings, RewardConfig, TrainConfig
 from blockqnn_jax.training import candidate as candidate_lib
-from blockqnn_jax.training import engine
-# The streamed data's types live in ``data`` (``data.stream``); these names are part of the
-# streamed path's interface as they always were.
-from blockqnn_jax.data.stream import IMAGENET_MEAN, IMAGENET_STD, OpenStream, StreamData  
-from blockqnn_jax.data.search_data import load_search_data, suggest_source
+from blockqnn_jax.training import compile_cache, engine, scorer
+from blockqnn_jax.training import devices as devices_lib
 
-__all__ = ['CompiledStep', 'IMAGENET_MEAN', 'IMAGENET_STD', 'OpenStream', 'StreamData',
-           'StreamingTrainer', 'load_search_data', 'suggest_source']
+__all__ = ['CompiledStep', 'StreamingTrainer']
 
 @dataclasses.dataclass
 class CompiledStep:
@@ -44,7 +40,7 @@ class CompiledStep:
   compile_s: float
 
 
-class StreamingTrainer(candidate_lib.CandidateScorer):
+class StreamingTrainer(scorer.CandidateScorer):
   """Scores candidates on streamed batches; the counterpart of ``CandidateTrainer``.
 
   As there, a candidate compiles only what depends on its block (one training step on an
@@ -54,9 +50,9 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
 
   def __init__(self, stream: OpenStream, devices: Sequence[jax.Device],
                train_config: TrainConfig, reward_config: RewardConfig,
-               network: NetworkSettings, cache: candidate_lib.CompileCache | None = None,
+               network: NetworkSettings, cache: compile_cache.CompileCache | None = None,
                grammar: nsc.Grammar | None = None):
-    super().__init__(candidate_lib.DeviceMesh.of(devices), train_config, reward_config,
+    super().__init__(devices_lib.DeviceMesh.of(devices), train_config, reward_config,
                      network, cache, grammar)
     self.stream = stream
     self.image_shape = stream.image_shape
@@ -66,7 +62,7 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
     g = self.group
     self.mean = jax.device_put(np.asarray(stream.data.mean, np.float32), g.replicated)
     self.std = jax.device_put(np.asarray(stream.data.std, np.float32), g.replicated)
-    self._shared = candidate_lib.CompileCache(max_entries=2)
+    self._shared = compile_cache.CompileCache(max_entries=2)
 
   def _data_shapes(self) -> tuple:
     return ('stream', self.image_shape, len(self.stream.train_indices))
@@ -126,7 +122,7 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
                         time.perf_counter() - start)
 
   def _train(self, prepared: PreparedBlock, compiled: CompiledStep, seed: int
-             ) -> candidate_lib.Trained:
+             ) -> scorer.Trained:
     g, config = self.group, self.train_config
     augment = self.augmentation()
     with jax.default_device(g.devices[0]):  # op by op: small programs every candidate shares
@@ -154,8 +150,8 @@ class StreamingTrainer(candidate_lib.CandidateScorer):
     accuracy, val_loss = self._validate(compiled, state.params, state.batch_stats)
     eval_s = time.perf_counter() - t0
     images_seen = config.epochs * self.steps_per_epoch * config.batch_size
-    return candidate_lib.Trained(np.asarray(epoch_losses), accuracy, val_loss, train_s,
-                                 eval_s, images_seen / train_s)
+    return scorer.Trained(np.asarray(epoch_losses), accuracy, val_loss, train_s,
+                          eval_s, images_seen / train_s)
 
   def _validate(self, compiled: CompiledStep, params, batch_stats) -> tuple[float, float]:
     g, size = self.group, self.train_config.eval_batch_size

@@ -15,7 +15,7 @@ The programs are compiled once per network and training config in a process
 
 One job per module: ``programs`` (optimiser, schedule, compiled programs), ``block_choice``
 (which block), ``workdir`` (recorded config, checkpoints, data) and ``driver``
-(``train_and_evaluate``, ``FinalResult``); the names below are the package's interface.
+(``train_and_evaluate``, ``FinalResult``); import each name from its module.
 
 ``train_and_evaluate`` is the impure driver (files, logs). Its workdir holds
 
@@ -35,36 +35,3 @@ One job per module: ``programs`` (optimiser, schedule, compiled programs), ``blo
 The test split is read only for that final number; periodic evaluations use the
 validation split when ``data.validation_size`` holds one out.
 """
-
-from blockqnn_jax.training.final.block_choice import BlockNotFound
-from blockqnn_jax.training.final.block_choice import TOP_BLOCKS_FILE
-from blockqnn_jax.training.final.block_choice import resolve_block
-from blockqnn_jax.training.final.block_choice import top_blocks_from_report
-from blockqnn_jax.training.final.block_choice import top_blocks_from_store
-from blockqnn_jax.training.final.driver import FinalResult
-from blockqnn_jax.training.final.driver import train_and_evaluate
-from blockqnn_jax.training.final.programs import Programs
-from blockqnn_jax.training.final.programs import compile_programs
-from blockqnn_jax.training.final.programs import count_params
-from blockqnn_jax.training.final.programs import final_optimizer
-from blockqnn_jax.training.final.programs import final_step
-from blockqnn_jax.training.final.programs import learning_rate_schedule
-from blockqnn_jax.training.final.workdir import CHECKPOINT_DIR
-from blockqnn_jax.training.final.workdir import CONFIG_FILE
-from blockqnn_jax.training.final.workdir import ConfigMismatch
-from blockqnn_jax.training.final.workdir import FINAL_FILE
-from blockqnn_jax.training.final.workdir import MAX_CHECKPOINTS
-from blockqnn_jax.training.final.workdir import RESUMABLE_CHANGES
-from blockqnn_jax.training.final.workdir import TENSORBOARD_DIR
-from blockqnn_jax.training.final.workdir import check_workdir_config
-from blockqnn_jax.training.final.workdir import load_data
-from blockqnn_jax.training.final.workdir import restore_checkpoint
-
-__all__ = [
-    'BlockNotFound', 'CHECKPOINT_DIR', 'CONFIG_FILE', 'ConfigMismatch', 'FINAL_FILE',
-    'FinalResult', 'MAX_CHECKPOINTS', 'Programs', 'RESUMABLE_CHANGES', 'TENSORBOARD_DIR',
-    'TOP_BLOCKS_FILE', 'check_workdir_config', 'compile_programs', 'count_params',
-    'final_optimizer', 'final_step', 'learning_rate_schedule', 'load_data', 'resolve_block',
-    'restore_checkpoint', 'top_blocks_from_report', 'top_blocks_from_store',
-    'train_and_evaluate',
-]

@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 import re
 
-from blockqnn_jax import canonical
-from blockqnn_jax import confirm
-from blockqnn_jax import nsc
-from blockqnn_jax import store as store_lib
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.report import analysis
-from blockqnn_jax.report import REPORT_DIR
-from blockqnn_jax.settings import FinalSettings
+from blockqnn_jax.report.page import REPORT_DIR
+from blockqnn_jax.settings.final import FinalSettings
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.strategies import confirm
 
 TOP_BLOCKS_FILE = os.path.join(REPORT_DIR, 'top_blocks.txt')
 # A layer of NSC text, ``index,type,kernel,pred1,pred2``, as it appears inside a report line.

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import optax
 
-from blockqnn_jax import networks
-from blockqnn_jax.settings import FinalTrainConfig
+from blockqnn_jax.models import networks
+from blockqnn_jax.settings.final import FinalTrainConfig
 from blockqnn_jax.training import engine
 
 

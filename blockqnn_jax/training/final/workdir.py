@@ -10,10 +10,10 @@ from typing import Any
 from absl import logging
 import orbax.checkpoint as ocp
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import nsc
-from blockqnn_jax import settings as settings_lib
-from blockqnn_jax.settings import FinalSettings
+from blockqnn_jax.data import readers, splits
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings import base
+from blockqnn_jax.settings.final import FinalSettings
 
 CONFIG_FILE = 'config.json'
 FINAL_FILE = 'final.json'
@@ -22,14 +22,11 @@ TENSORBOARD_DIR = 'tensorboard'
 MAX_CHECKPOINTS = 3
 # Settings that decide how a run is bookkept, or that retraining does not read, not what it
 # trains: they may change on resume.
-RESUMABLE_CHANGES = ('allow_config_change', 'train.checkpoint_every_epochs',
-                     'train.eval_every_epochs', 'train.eval_batch_size', 'data.download',
-                     'data.decode_threads', 'network.num_classes', 'network.image_size')
+FINAL_RESUMABLE_CHANGES = ('allow_config_change', 'train.checkpoint_every_epochs',
+                           'train.eval_every_epochs', 'train.eval_batch_size', 'data.download',
+                           'data.decode_threads', 'network.num_classes', 'network.image_size')
 
-ConfigMismatch = settings_lib.ConfigMismatch  # the workdir holds a run of other settings
-
-
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
   """Writes JSON atomically (a kill leaves the old file or the new one)."""
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + '\n')
@@ -46,7 +43,7 @@ def check_workdir_config(workdir: str | Path, settings: FinalSettings,
   """Records the settings and block of a workdir's first run; refuses different ones later.
 
   The stored settings are read back as ``FinalSettings`` (a field the workdir predates takes
-  its default) and compared field by field; those in ``RESUMABLE_CHANGES`` may differ. With
+  its default) and compared field by field; those in ``FINAL_RESUMABLE_CHANGES`` may differ. With
   ``allow_config_change`` a difference is logged and the new settings recorded.
 
   Raises:
@@ -59,15 +56,15 @@ def check_workdir_config(workdir: str | Path, settings: FinalSettings,
     try:
       old = _record(FinalSettings.from_config(stored.get('config', {})),
                     nsc.Block.parse(stored['block']))
-    except (settings_lib.SettingsError, nsc.NSCError, KeyError) as e:
+    except (base.SettingsError, nsc.NSCError, KeyError) as e:
       old = {'config.json': f'unreadable ({e})'}  # a record this version cannot read
-    changed = settings_lib.refuse_changes(
-        workdir, old, new, ignore=tuple(f'config.{k}' for k in RESUMABLE_CHANGES),
+    changed = base.refuse_changes(
+        workdir, old, new, ignore=tuple(f'config.{k}' for k in FINAL_RESUMABLE_CHANGES),
         allow_change=settings.allow_config_change,
         allow_flag='--config.allow_config_change=true')
     if changed:
       logging.warning('continuing %s with a changed config: %s', workdir, ', '.join(changed))
-  _write_json(path, new)
+  write_json(path, new)
 
 
 def restore_checkpoint(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
@@ -90,9 +87,9 @@ def restore_checkpoint(workdir: str | Path, step: int | None = None) -> dict[str
   return {'epoch': step, 'state': restored['state'], 'progress': restored['progress']}
 
 
-def load_data(settings: FinalSettings) -> data_lib.ImageSplits:
+def load_data(settings: FinalSettings) -> splits.ImageSplits:
   """The splits of ``settings.data`` (the hold-out seeded by ``settings.seed``)."""
   d = settings.data
-  return data_lib.load_splits(d.source, name=d.name, path=d.path or None,
-                              validation_size=d.validation_size, seed=settings.seed,
-                              max_train=d.max_train or None, download=d.download)
+  return readers.load_splits(d.source, name=d.name, path=d.path or None,
+                             validation_size=d.validation_size, seed=settings.seed,
+                             max_train=d.max_train or None, download=d.download)

@@ -1,22 +1,21 @@
 """BlockQNN's Q-learning agent as pure, jit-able functions over a dense Q array.
 
 The agent composes a block layer by layer: from the current state (a layer) it picks the next
-layer or the terminal (``space`` defines both). Everything here is a pure function of arrays
-and a PRNG key; nothing holds state between calls.
+layer or the terminal (``nsc.space`` defines both). Everything here is a pure function of
+arrays and a PRNG key; nothing holds state between calls.
 
-* ``init_q`` — the Q-table, ``(num_states, max_actions)`` float32, filled with ``q_init``.
-* ``sample_blocks`` — ε-greedy sampling of a whole batch of blocks in one call.
-* ``q_update`` — the backward Watkins update of a batch of (block, reward) pairs,
-  ``Q(s,a) ← (1-α)·Q(s,a) + α·[r_t + γ·max_a' Q(s',a')]`` with the max taken as 0 after the
-  terminal, applied from the last transition to the first, block after block (MetaQNN's
-  order). With ``reward_shaping`` every transition gets ``r_t = R / T_block`` (BlockQNN);
-  without it only the last one gets ``R`` (MetaQNN).
-* ``ReplayMemory`` / ``remember`` / ``replay_update`` — experience replay: after each
-  iteration, re-apply the update to a uniform sample (with replacement) of past pairs.
-* ``EpsilonSchedule`` / ``epsilon_at`` — ε as a function of the iteration.
+* ``init_q``: the Q-table, ``(num_states, max_actions)`` float32, filled with ``q_init``.
+* ``sample_blocks``: ε-greedy sampling of a whole batch of blocks in one call.
+* ``learn``: what the agent does with a batch of (block, reward) pairs. The backward Watkins
+  update ``Q(s,a) ← (1-α)·Q(s,a) + α·[r_t + γ·max_a' Q(s',a')]``, the max taken as 0 after
+  the terminal, applied from the last transition to the first, block after block (MetaQNN's
+  order); with ``reward_shaping`` every transition gets ``r_t = R / T_block`` (BlockQNN),
+  without it only the last one gets ``R`` (MetaQNN). Then experience replay: the pairs join
+  the ``ReplayMemory`` (``init_memory``) and the update is applied again to a uniform sample
+  of past pairs.
+* ``epsilon_at``: ε at an iteration of a ``settings.agent.EpsilonSchedule``.
 
-``QLearningConfig`` and ``EpsilonSchedule`` are defined in ``settings`` (the one home of every
-setting, free of JAX) and are part of this module's interface.
+The settings (``QLearningConfig``, ``EpsilonSchedule``) live in ``settings.agent``.
 
 A batch of blocks is a ``Trajectories``: ``states`` ``(B, T+1)`` int32 state ids, the start
 state first, padded past the terminal by repeating it; ``lengths`` ``(B,)`` the number of
@@ -26,18 +25,14 @@ layers, terminal included (the number of transitions, T_block).
 from __future__ import annotations
 
 import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import settings as _settings
-from blockqnn_jax.space import SearchSpace
-
-# Defined in ``settings`` (one home, no JAX), part of this module's interface.
-PAPER_EPSILON_SCHEDULE = _settings.PAPER_EPSILON_SCHEDULE
-EpsilonSchedule = _settings.EpsilonSchedule
-QLearningConfig = _settings.QLearningConfig
+from blockqnn_jax.nsc.space import SearchSpace
+from blockqnn_jax.settings.agent import EpsilonSchedule, QLearningConfig
 
 
 @flax.struct.dataclass

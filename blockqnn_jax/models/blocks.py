@@ -32,9 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blockqnn_jax import cost
-from blockqnn_jax import initializers
-from blockqnn_jax import nsc
+from blockqnn_jax.models import cost, initializers
+from blockqnn_jax.nsc import grammar as nsc
 
 Dtype = Any
 

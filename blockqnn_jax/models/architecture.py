@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from blockqnn_jax import nsc
+from blockqnn_jax.nsc import grammar as nsc
 
 
 @dataclasses.dataclass(frozen=True)

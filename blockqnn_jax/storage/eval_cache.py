@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 import socket
@@ -36,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import results
-from blockqnn_jax.results import EvalResult
+from blockqnn_jax.storage import results
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage.results import EvalResult
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

@@ -1,11 +1,10 @@
-"""The executor interface the search drives, and the factory that picks one by name.
+"""The executor interface the search drives.
 
 An executor evaluates candidates: ``submit(block, seed)`` returns a
 ``concurrent.futures.Future`` of a ``results.EvalResult`` that never raises (a failing
-candidate is a failed result). ``local_executor.LocalExecutor`` runs them on this machine's
-devices, ``ray_executor.RayExecutor`` on worker actors of a Ray cluster;
-``executors.make_executor`` builds the one ``settings.executor.kind`` names (the backends
-import this module; this module imports neither).
+candidate is a failed result). ``local.LocalExecutor`` runs them on this machine's devices,
+``ray_cluster.RayExecutor`` on worker actors of a Ray cluster; ``factory.make_executor``
+builds the one ``settings.executor.kind`` names.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ import concurrent.futures
 import dataclasses
 from typing import Iterable
 
-from blockqnn_jax import canonical
-from blockqnn_jax import nsc
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.results import EvalResult
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.storage.results import EvalResult
 
 
 @dataclasses.dataclass

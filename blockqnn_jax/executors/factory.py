@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import jax
 
-from blockqnn_jax import executor as executor_lib
-from blockqnn_jax import local_executor
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.executors import interface as executor_lib
+from blockqnn_jax.executors import local as local_executor
+from blockqnn_jax.settings.search import SearchSettings
 
 
 def make_executor(splits, settings: SearchSettings, *, compile_cache_dir: str | None = None
@@ -30,7 +30,8 @@ def make_executor(splits, settings: SearchSettings, *, compile_cache_dir: str | 
         devices_per_candidate=section.devices_per_candidate,
         compile_ahead=section.compile_ahead, grammar=settings.space)
   if section.kind == 'ray':
-    from blockqnn_jax import ray_executor  # pylint: disable=import-outside-toplevel
+    # Ray is imported only when asked for. pylint: disable-next=import-outside-toplevel
+    from blockqnn_jax.executors import ray_cluster as ray_executor
     ray = section.ray
     env = {}
     if jax.default_backend() == 'cpu' and ray.gpus_per_worker <= 0:

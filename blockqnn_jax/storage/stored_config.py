@@ -4,15 +4,15 @@ continue it: a resumed search must be the same search. Free of JAX.
 
 from __future__ import annotations
 
-from blockqnn_jax import settings as settings_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax.settings import ConfigMismatch
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.settings import base
+from blockqnn_jax.settings.base import ConfigMismatch
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import store as store_lib
 
 # Fields that may change between a run and its resumption: they decide how, not what.
-RESUMABLE_CHANGES = ('executor.', 'search.stop_after_failures')
+SEARCH_RESUMABLE_CHANGES = ('executor.', 'search.stop_after_failures')
 
-__all__ = ['ConfigMismatch', 'RESUMABLE_CHANGES', 'check_config', 'stored_settings']
+__all__ = ['SEARCH_RESUMABLE_CHANGES', 'check_config', 'stored_settings']
 
 
 def stored_settings(store: store_lib.ResultsStore) -> SearchSettings | None:
@@ -28,13 +28,13 @@ def check_config(store: store_lib.ResultsStore, settings: SearchSettings,
   (``ConfigMismatch`` naming the fields) unless ``allow_change``."""
   old = stored_settings(store)
   if old is not None:
-    changed = settings_lib.differences(old, settings, ignore=RESUMABLE_CHANGES)
+    changed = base.differences(old, settings, ignore=SEARCH_RESUMABLE_CHANGES)
     space_changed = [k for k in changed if k.startswith('space.')]
     if space_changed and store.load_agent() is not None:
       raise ConfigMismatch(
           f'{store.path} holds an agent over another search space ({", ".join(space_changed)}'
           '): its Q values and sampled blocks cannot follow a changed space, even with '
           '--allow_config_change; use a new --workdir')
-    settings_lib.refuse_changes(store.path, old.to_dict(), settings.to_dict(),
-                                ignore=RESUMABLE_CHANGES, allow_change=allow_change)
+    base.refuse_changes(store.path, old.to_dict(), settings.to_dict(),
+                        ignore=SEARCH_RESUMABLE_CHANGES, allow_change=allow_change)
   store.set_meta('config', settings.to_json())

@@ -30,48 +30,13 @@ import math
 
 import numpy as np
 
+from blockqnn_jax.settings.agent import Confirm
+
 # The entry of a search's saved agent state that names the incumbent (a canonical key).
 INCUMBENT_KEY = 'confirm.incumbent'
 # What ``next_action`` says about a challenger.
 DROP, AGAIN, AGAIN_INCUMBENT, ACCEPT = 0, 1, 2, 3
 ACTION_NAMES = ('drop', 'again', 'again_incumbent', 'accept')
-
-
-@dataclasses.dataclass(frozen=True)
-class Confirm:
-  """The incumbent/challenger rule's settings (``search.confirm``; see the module docstring).
-
-  Attributes:
-    max_evaluations: most evaluations of one block (1: never evaluate a block again, and
-      the kept block is the best single reward: the rule is off).
-    slack: a challenger stays in while its mean is no more than ``slack`` standard errors
-      of the difference below the incumbent's (0: while it is at least as good).
-    decisive: a gap of more than this many standard errors decides without another
-      evaluation (once the noise is known).
-    min_repeats: degrees of freedom of the pooled noise estimate (repeats beyond a block's
-      first evaluation) before it is trusted.
-  """
-
-  max_evaluations: int = 3
-  slack: float = 0.0
-  decisive: float = 3.0
-  min_repeats: int = 2
-
-  def __post_init__(self):
-    if self.max_evaluations < 1:
-      raise ValueError(f'confirm.max_evaluations must be >= 1, got {self.max_evaluations}')
-    if self.slack < 0 or self.decisive < 0:
-      raise ValueError('confirm.slack and confirm.decisive must be >= 0')
-    if self.min_repeats < 1:
-      raise ValueError(f'confirm.min_repeats must be >= 1, got {self.min_repeats}')
-
-  @property
-  def active(self) -> bool:
-    """Whether any block is ever evaluated twice."""
-    return self.max_evaluations > 1
-
-
-OFF = Confirm(max_evaluations=1)
 
 
 def next_action(rule: Confirm, mean_c, n_c, mean_i, n_i, noise_ss, noise_df, xp=np):

@@ -51,20 +51,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import canonical
-from blockqnn_jax import confirm as confirm_lib
-from blockqnn_jax import eval_cache as eval_cache_lib
-from blockqnn_jax import nsc
-from blockqnn_jax import qlearning as ql
-from blockqnn_jax import space as space_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import strategies
-from blockqnn_jax import workdir_lock
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.results import FailureWatch
-from blockqnn_jax.stored_config import check_config
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc import space as space_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import eval_cache as eval_cache_lib
+from blockqnn_jax.storage import results as results_lib
+from blockqnn_jax.storage import store as store_lib
+from blockqnn_jax.storage import workdir_lock
+from blockqnn_jax.storage.results import EvalResult, FailureWatch
+from blockqnn_jax.storage.stored_config import check_config
+from blockqnn_jax.strategies import confirm as confirm_lib
+from blockqnn_jax.strategies import qlearning as ql
+from blockqnn_jax.strategies import registry, state
 
 # fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).
 _INIT_STREAM = 2**31 - 1
@@ -156,7 +156,7 @@ class Learned:
   results: list[EvalResult]
   cached: list[bool]
   finished_here: int  # trials told in this session so far
-  best: store_lib.Candidate | None  # the best candidate of the whole study so far
+  best: results_lib.Candidate | None  # the best candidate of the whole study so far
 
 
 class Study:
@@ -209,7 +209,7 @@ class Study:
     self._on_recorded = on_recorded
     self._on_learned = on_learned
     self.space = space_lib.build_space(settings.space)
-    self.strategy = strategies.for_settings(settings)
+    self.strategy = registry.for_settings(settings)
     self._schedule = settings.search.schedule
     self._batch = settings.search.blocks_per_iteration
     self._staleness = settings.search.max_staleness
@@ -227,7 +227,7 @@ class Study:
       self._first, arrays = saved
       incumbent = arrays.pop(_INCUMBENT, None)
       self._incumbent = str(incumbent) if incumbent is not None else None
-      self._state = strategies.restore_saved_state(self.strategy, self.space, arrays, budget)
+      self._state = state.restore_saved_state(self.strategy, self.space, arrays, budget)
       logging.info('resuming %s at iteration %d', self.store.path, self._first)
     # The one iteration that may have been asked after the last save (see ``_begin``).
     self._asked_after_save = self._first + self._staleness
@@ -397,7 +397,7 @@ class Study:
 
   def _begin(self, index: int, hand_out: bool) -> None:
     """Proposes iteration ``index`` (or reloads what it proposed) and queues its trials."""
-    epsilon = strategies.proposal_epsilon(self.strategy, self._state, index, self._batch)
+    epsilon = registry.proposal_epsilon(self.strategy, self._state, index, self._batch)
     sample_key, replay_key = jax.random.split(jax.random.fold_in(self._base_key, index))
     stored = self.store.load_sampled(index)
     if stored is None:
@@ -405,7 +405,7 @@ class Study:
                                               index)
       arrays = {'states': trajectories.states, 'lengths': trajectories.lengths}
       if asked is not self._state:  # an ask that moves the strategy: keep where it moved to
-        arrays.update({f'state.{k}': v for k, v in strategies.state_arrays(asked).items()})
+        arrays.update({f'state.{k}': v for k, v in state.state_arrays(asked).items()})
       self.store.save_sampled(index, arrays)
       self._state = asked
     else:
@@ -414,7 +414,7 @@ class Study:
       # Iterations up to first + S - 1 were asked before the saved state was learned, so it
       # holds their asks; the next one was asked after: restore its ask.
       if index == self._asked_after_save and any(k.startswith('state.') for k in stored):
-        self._state = strategies.restore_state(self.strategy, self.space, {
+        self._state = state.restore_state(self.strategy, self.space, {
             k[len('state.'):]: v for k, v in stored.items() if k.startswith('state.')})
     if not hand_out:  # beyond this session's last iteration: proposed for the resumption
       return
@@ -488,7 +488,7 @@ class Study:
                             for r in it.results], np.float32)
       self._state = self.strategy.tell(self.space, self._state, it.trajectories,
                                        jnp.asarray(rewards), it.replay_key)
-      arrays = strategies.state_arrays(self._state)
+      arrays = state.state_arrays(self._state)
       if self._incumbent is not None:
         arrays[_INCUMBENT] = np.asarray(self._incumbent)
       self.store.save_agent(it.index + 1, arrays)

@@ -31,11 +31,11 @@ import threading
 import time
 from typing import Any
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import executor as executor_lib
-from blockqnn_jax import nsc
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.executors import interface as executor_lib
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
 
 try:
   import ray
@@ -52,17 +52,17 @@ def _require_ray():
 class _Worker:
   """A Ray actor's body: one LocalExecutor over the devices the actor was given."""
 
-  def __init__(self, splits: data_lib.ImageSplits, settings: dict, grammar: dict | None,
+  def __init__(self, splits: splits_lib.ImageSplits, settings: dict, grammar: dict | None,
                compile_cache_dir: str | None):
     import jax
 
-    from blockqnn_jax import local_executor
-    from blockqnn_jax.settings import SearchSettings
-    from blockqnn_jax.training import candidate as candidate_lib
+    from blockqnn_jax.executors import local as local_executor
+    from blockqnn_jax.settings.search import SearchSettings
+    from blockqnn_jax.training import compile_cache
 
     if compile_cache_dir:
       os.makedirs(compile_cache_dir, exist_ok=True)
-      candidate_lib.enable_persistent_compilation_cache(compile_cache_dir)
+      compile_cache.enable_persistent_compilation_cache(compile_cache_dir)
     settings = SearchSettings.from_config(settings)
     self.devices = jax.local_devices()
     self.executor = local_executor.LocalExecutor(
@@ -121,7 +121,7 @@ class RayExecutor(executor_lib.Executor):
     init_kwargs: more arguments for ``ray.init`` (e.g. ``num_cpus`` for a local instance).
   """
 
-  def __init__(self, splits: data_lib.ImageSplits, settings: SearchSettings, *, address: str = '',
+  def __init__(self, splits: splits_lib.ImageSplits, settings: SearchSettings, *, address: str = '',
                num_workers: int = 0, cpus_per_worker: float = 1.0,
                gpus_per_worker: float | None = None, max_attempts: int = 3,
                jobs_per_worker: int = 2, grammar: nsc.Grammar | None = None,

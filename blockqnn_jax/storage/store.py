@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from pathlib import Path
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from blockqnn_jax import results
-from blockqnn_jax.results import Candidate, EvalResult
+from blockqnn_jax.storage import results
+from blockqnn_jax.storage.results import Candidate, EvalResult
 
 SCHEMA_VERSION = 1
 DB_NAME = 'search.sqlite'

@@ -29,8 +29,8 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import nsc
-from blockqnn_jax.nsc import LayerType
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc.grammar import LayerType
 
 
 @flax.struct.dataclass

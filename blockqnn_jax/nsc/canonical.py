@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from blockqnn_jax import nsc
+from blockqnn_jax.nsc import grammar as nsc
 
 # The input's type code: below every layer type, so it can never collide with a layer.
 _INPUT_TYPE = 0

@@ -1,4 +1,4 @@
-"""Networks stacked from one NSC block: ``NetworkSpec``, its presets and ``BlockNet``.
+"""``BlockNet``: the network stacked from one NSC block (``architecture.NetworkSpec``).
 
 A network (NHWC, images ``(B, S, S, C_img)`` in, float32 logits ``(B, classes)`` out) is
 
@@ -11,9 +11,9 @@ A network (NHWC, images ``(B, S, S, C_img)`` in, float32 logits ``(B, classes)``
 * a **head**: ReLU (the blocks end in BatchNorm), global average pooling and a dense
   classifier, both in float32 whatever ``dtype`` is.
 
-``cifar_spec`` is BlockQNN's CIFAR network (stride-1 stem, three stages at F, 2F, 4F);
-``imagenet_spec`` its ImageNet one (stride-2 stem and stem pooling, four stages at F, 2F,
-4F, 8F). ``cost.network_params`` and ``cost.network_flops`` count the same network.
+``architecture.cifar_spec`` is BlockQNN's CIFAR network (stride-1 stem, three stages at F,
+2F, 4F); ``architecture.imagenet_spec`` its ImageNet one (stride-2 stem and stem pooling,
+four stages at F, 2F, 4F, 8F). ``cost.network_params`` and ``cost.network_flops`` count the same network.
 
 Variables: ``params`` and ``batch_stats``, under ``stem``, ``stage{s}_block{b}`` (``s``, ``b``
 from 0) and ``head``. With ``scan_blocks`` the blocks 1..N-1 of a stage, which share one
@@ -30,10 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from blockqnn_jax import blocks
-from blockqnn_jax import initializers
-from blockqnn_jax import nsc
-from blockqnn_jax.architecture import NetworkSpec
+from blockqnn_jax.models import blocks, initializers
+from blockqnn_jax.models.architecture import NetworkSpec
+from blockqnn_jax.nsc import grammar as nsc
 
 Dtype = Any
 

@@ -18,14 +18,16 @@ from typing import Sequence
 
 import jax
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import executor as executor_lib
-from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax.prepare import PreparedBlock
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.data import stream
+from blockqnn_jax.executors import interface as executor_lib
+from blockqnn_jax.models.prepare import PreparedBlock
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import results
 from blockqnn_jax.training import candidate as candidate_lib
-from blockqnn_jax.training import streamed
+from blockqnn_jax.training import compile_cache, streamed
+from blockqnn_jax.training import devices as devices_lib
 
 
 class LocalExecutor(executor_lib.Executor):
@@ -41,7 +43,7 @@ class LocalExecutor(executor_lib.Executor):
     grammar: when given, blocks are validated against it.
   """
 
-  def __init__(self, splits: data_lib.ImageSplits | data_lib.OpenStream,
+  def __init__(self, splits: splits_lib.ImageSplits | stream.OpenStream,
                settings: SearchSettings, devices: Sequence[jax.Device] | None = None,
                devices_per_candidate: int = 1, compile_ahead: bool = True,
                grammar: nsc.Grammar | None = None):
@@ -49,17 +51,17 @@ class LocalExecutor(executor_lib.Executor):
     if devices_per_candidate < 1 or len(devices) % devices_per_candidate:
       raise ValueError(f'devices_per_candidate={devices_per_candidate} must divide the '
                        f'{len(devices)} devices')
-    self.cache = candidate_lib.CompileCache()
+    self.cache = compile_cache.CompileCache()
     self.trainers = []
     scoring = (settings.train, settings.reward, settings.network)
     for i in range(0, len(devices), devices_per_candidate):
       group = devices[i:i + devices_per_candidate]
-      if isinstance(splits, data_lib.OpenStream):  # too large for the device: streamed
+      if isinstance(splits, stream.OpenStream):  # too large for the device: streamed
         self.trainers.append(streamed.StreamingTrainer(
             splits, group, *scoring, cache=self.cache, grammar=grammar))
       else:
         self.trainers.append(candidate_lib.CandidateTrainer(
-            candidate_lib.DeviceGroup.place(splits, group), *scoring, cache=self.cache,
+            devices_lib.DeviceGroup.place(splits, group), *scoring, cache=self.cache,
             grammar=grammar))
     self.compile_ahead = compile_ahead
     self._queue: queue.Queue[executor_lib.Job | None] = queue.Queue()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from blockqnn_jax import nsc
-from blockqnn_jax.space import legal_layers
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.nsc.space import legal_layers
 
 START = (0, 0, 0, 0, 0)
 State = tuple[int, int, int, int, int]

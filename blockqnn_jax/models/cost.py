@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from blockqnn_jax import nsc
-from blockqnn_jax.architecture import NetworkSpec, network_shape
+from blockqnn_jax.models.architecture import NetworkSpec, network_shape
+from blockqnn_jax.nsc import grammar as nsc
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import nb201
-from blockqnn_jax import strategies as st
-from blockqnn_jax import confirm as cf
-
+from benchmarks import nb201_space as nb201
+from blockqnn_jax.settings import agent
+from blockqnn_jax.strategies import confirm as cf
+from blockqnn_jax.strategies import interface
+from blockqnn_jax.strategies import state as state_lib
 
 # fold_in stream of a search's key for its evaluation noise: apart from the strategy's own
 # draws, so a strategy proposes what it did without noise, and every strategy of one seed
@@ -53,7 +54,7 @@ def _select(flag, a, b):
 
 
 def _search_one(key, accuracies, sigma, budget, max_iterations, space, strategy, batch: int,
-                trace_len: int, confirm: cf.Confirm):
+                trace_len: int, confirm: agent.Confirm):
   """One search as a ``while_loop``; returns (best trace, kept trace, trainings, asks).
 
   A training of cell ``c`` observes ``accuracies[c]`` plus ``sigma`` × a normal draw of its
@@ -183,9 +184,9 @@ def noise_sigmas(tables: np.ndarray, scale: float, top: float = 0.1) -> np.ndarr
   return (scale * best.std(axis=1)).astype(np.float32)
 
 
-def search_batch(strategy: st.Strategy, accuracies, budgets, seeds: Sequence[int],
+def search_batch(strategy: interface.Strategy, accuracies, budgets, seeds: Sequence[int],
                  batch: int = 1, max_iterations_factor: int = 50, noise: float = 0.0,
-                 confirm: cf.Confirm = cf.OFF) -> SearchResult:
+                 confirm: agent.Confirm = agent.OFF) -> SearchResult:
   """Runs one search per (dataset, budget, seed), all in one jitted, vmapped call.
 
   Args:
@@ -218,7 +219,7 @@ def search_batch(strategy: st.Strategy, accuracies, budgets, seeds: Sequence[int
   shape = (tables.shape[0], budgets.size, seeds.size)
   dataset, budget_index, seed = (a.ravel() for a in np.indices(shape))
   budget = budgets[budget_index]
-  caps = np.asarray([max_iterations_factor * st.planned_iterations(int(b), batch)
+  caps = np.asarray([max_iterations_factor * state_lib.planned_iterations(int(b), batch)
                      for b in budget], np.int32)
   keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds[seed]))
   trace_len = int(budgets.max())
@@ -237,7 +238,7 @@ def search_batch(strategy: st.Strategy, accuracies, budgets, seeds: Sequence[int
                       iterations=np.asarray(iterations).reshape(shape))
 
 
-def search(strategy: st.Strategy, table: nb201.NB201Table, budget: int, seed: int,
+def search(strategy: interface.Strategy, table: nb201.NB201Table, budget: int, seed: int,
            dataset: str = 'cifar10', batch: int = 1) -> np.ndarray:
   """One search; returns its best-so-far trace, ``(queries,)`` (<= budget)."""
   result = search_batch(strategy, table.by_code(dataset), budget, [seed], batch)

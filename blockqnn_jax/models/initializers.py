@@ -1,9 +1,8 @@
 """Parameter initialisers of the generated networks: Flax's values, cheap to make op by op.
 
 A search builds thousands of networks, each with kernels of shapes of its own. Flax's
-``lecun_normal`` compiles a truncated-normal program for every new kernel shape (about
-0.12 s each on a 2-core CPU), which made initialising a candidate cost 0.3-1.8 s — as much
-as compiling its forward pass. ``lecun_normal`` here computes the same values from a draw
+``lecun_normal`` compiles a truncated-normal program for every new kernel shape, which can
+cost as much as compiling the candidate's forward pass. ``lecun_normal`` here computes the same values from a draw
 whose size is rounded up to a power of two (the generator's first ``n`` numbers do not
 depend on how many follow, on CPU: tested), so a whole search compiles about ten such
 programs, and scales them on the host. Under ``jit`` (a traced key) it is Flax's own

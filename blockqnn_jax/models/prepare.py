@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from blockqnn_jax import architecture
-from blockqnn_jax import canonical
-from blockqnn_jax import cost
-from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax.settings import NetworkSettings
+from blockqnn_jax.models import architecture, cost
+from blockqnn_jax.nsc import canonical
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings import search
+from blockqnn_jax.settings.search import NetworkSettings
+from blockqnn_jax.storage import results
 
 
 def reward_cost_terms(block: nsc.Block, spec: architecture.NetworkSpec) -> tuple[int, int]:
@@ -73,7 +73,7 @@ class PreparedBlock:
     return cls(block, canonical_block, canonical_block.to_text(), spec, int(flops),
                int(reference), float(block.density()), int(cost.network_params(spec)))
 
-  def reward(self, accuracy: float, config: results.RewardConfig) -> float:
+  def reward(self, accuracy: float, config: search.RewardConfig) -> float:
     return results.compute_reward(accuracy, self.flops, self.reference_flops, self.density,
                                   config)
 

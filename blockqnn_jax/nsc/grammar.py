@@ -37,8 +37,8 @@ Everything here is pure Python over frozen dataclasses: no JAX, no files.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import enum
+import functools
 import json
 import re
 import reprlib

@@ -22,27 +22,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import time
 from pathlib import Path
+import time
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax import eval_cache as eval_cache_lib
-from blockqnn_jax import store as store_lib
-from blockqnn_jax import study as study_lib
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import SearchSettings
-# The search's core lives in ``study``; these names are part of this module's interface.
-from blockqnn_jax.results import SearchFailed
-from blockqnn_jax.stored_config import (RESUMABLE_CHANGES, ConfigMismatch, check_config,
-                                        stored_settings)
-from blockqnn_jax.study import candidate_seed
+from blockqnn_jax.search import study as study_lib
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import eval_cache as eval_cache_lib
+from blockqnn_jax.storage import results as results_lib
+from blockqnn_jax.storage.results import EvalResult
 
-__all__ = ['ConfigMismatch', 'RESUMABLE_CHANGES', 'SearchFailed', 'SearchSummary',
-           'candidate_seed', 'check_config', 'open_eval_cache', 'run_search',
-           'stored_settings']
+__all__ = ['SearchSummary', 'open_eval_cache', 'run_search']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +52,7 @@ class SearchSummary:
   trained: int
   cached: int
   failed: int
-  best: store_lib.Candidate | None
+  best: results_lib.Candidate | None
   wall_s: float
   worker_idle_fraction: float | None = None  # when the executor reports its utilisation
   trained_failed: int = 0
@@ -136,67 +129,80 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
     SearchFailed: candidates keep failing for a reason that is not about the blocks.
   """
   start = time.perf_counter()
-  batch = settings.search.blocks_per_iteration
   budget = settings.search.budget
-  total = budget or settings.search.schedule.num_iterations * batch
-  writer = _tensorboard(Path(workdir))
-  utilisation = getattr(executor, 'utilisation', None)
-  bar = None
-  clock = {'iteration': time.perf_counter()}
+  total = budget or settings.search.schedule.num_iterations * settings.search.blocks_per_iteration
+  monitor = _Monitor(Path(workdir), getattr(executor, 'utilisation', None), start)
+  try:
+    with study_lib.Study(settings, workdir, allow_config_change=allow_config_change,
+                         max_iterations=max_iterations, eval_cache=eval_cache,
+                         prepare=getattr(executor, 'prepare', None), on_recorded=on_recorded,
+                         on_learned=monitor.learned) as study:
+      done = study.store.trainings if budget else study.store.count
+      monitor.bar = _Progress(total, done(), progress, 'training' if budget else 'cand')
+      _drive(study, executor, monitor.bar, done)
+      counts = study.summary()
+  finally:
+    monitor.close()
+  return SearchSummary(
+      iterations_done=counts['iterations_done'], candidates=counts['candidates'],
+      trained=counts['trained'], cached=counts['cached'], failed=counts['failed'],
+      best=counts['best'], wall_s=time.perf_counter() - start,
+      worker_idle_fraction=monitor.idle_fraction(), trained_failed=counts['trained_failed'],
+      shared=counts['shared'], reevaluations=counts['reevaluations'], kept=counts['kept'])
 
-  def recorded(index: int, position: int, result: EvalResult) -> None:
-    if on_recorded is not None:
-      on_recorded(index, position, result)
 
-  def learned(it: study_lib.Learned) -> None:
-    elapsed_h = (time.perf_counter() - start) / 3600
-    per_hour = it.finished_here / elapsed_h if elapsed_h else 0.0
-    busy = utilisation() if utilisation is not None else None
+def _drive(study: study_lib.Study, executor, bar: '_Progress', done: Callable[[], int]) -> None:
+  """Asks the study for trials, trains each new one on the executor and tells its result,
+  until the study is done (or this call's iterations are)."""
+  out: dict[concurrent.futures.Future, study_lib.Trial] = {}
+  while not study.done:
+    while (trial := study.ask()) is not None:
+      if not trial.known:
+        block = trial.prepared if trial.prepared is not None else trial.block
+        out[executor.submit(block, seed=trial.seed)] = trial
+    bar.move_to(done())  # candidates known at once (repeats, the shared cache)
+    if study.done or not out:
+      break
+    finished, _ = concurrent.futures.wait(out, return_when=concurrent.futures.FIRST_COMPLETED)
+    for future in finished:
+      study.tell(out.pop(future), result=future.result())
+    bar.move_to(done())
+
+
+class _Monitor:
+  """What a search shows as it learns: TensorBoard scalars and a log line per iteration, the
+  progress bar's figures, and the executor's utilisation."""
+
+  def __init__(self, workdir: Path, utilisation: Callable[[], float] | None, start: float):
+    self.writer = _tensorboard(workdir)
+    self.utilisation = utilisation
+    self.start = self.last = start
+    self.bar: _Progress | None = None
+
+  def learned(self, it: study_lib.Learned) -> None:
     now = time.perf_counter()
-    _log_iteration(writer, it.iteration, it.epsilon, [r.reward for r in it.results if r.ok],
-                   it.cached, it.results, per_hour, now - clock['iteration'], busy)
-    clock['iteration'] = now
+    elapsed_h = (now - self.start) / 3600
+    per_hour = it.finished_here / elapsed_h if elapsed_h else 0.0
+    busy = self.utilisation() if self.utilisation is not None else None
+    _log_iteration(self.writer, it.iteration, it.epsilon, [r.reward for r in it.results if r.ok],
+                   it.cached, it.results, per_hour, now - self.last, busy)
+    self.last = now
     best = it.best
     postfix = dict(it=it.iteration, eps=f'{it.epsilon:.1f}',
                    best=f'{best.reward:.3f}' if best else '-', per_h=f'{per_hour:.0f}')
     if busy is not None:
       postfix['idle'] = f'{1 - busy:.0%}'
-    if bar is not None:
-      bar.update(0, **postfix)
+    if self.bar is not None:
+      self.bar.update(0, **postfix)
 
-  prepare = getattr(executor, 'prepare', None)
-  try:
-    with study_lib.Study(settings, workdir, allow_config_change=allow_config_change,
-                         max_iterations=max_iterations, eval_cache=eval_cache,
-                         prepare=prepare, on_recorded=recorded, on_learned=learned) as study:
-      done = study.store.trainings if budget else study.store.count
-      bar = _Progress(total, done(), progress, 'training' if budget else 'cand')
-      out: dict[concurrent.futures.Future, study_lib.Trial] = {}
-      while not study.done:
-        while (trial := study.ask()) is not None:
-          if not trial.known:
-            block = trial.prepared if trial.prepared is not None else trial.block
-            out[executor.submit(block, seed=trial.seed)] = trial
-        bar.move_to(done())  # candidates known at once (repeats, the shared cache)
-        if study.done or not out:
-          break
-        finished, _ = concurrent.futures.wait(out, return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in finished:
-          study.tell(out.pop(future), result=future.result())
-        bar.move_to(done())
-      counts = study.summary()
-  finally:
-    if bar is not None:
-      bar.close()
-    if writer is not None:
-      writer.close()
-  return SearchSummary(
-      iterations_done=counts['iterations_done'], candidates=counts['candidates'],
-      trained=counts['trained'], cached=counts['cached'], failed=counts['failed'],
-      best=counts['best'], wall_s=time.perf_counter() - start,
-      worker_idle_fraction=None if utilisation is None else 1 - utilisation(),
-      trained_failed=counts['trained_failed'], shared=counts['shared'],
-      reevaluations=counts['reevaluations'], kept=counts['kept'])
+  def idle_fraction(self) -> float | None:
+    return None if self.utilisation is None else 1 - self.utilisation()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 def open_eval_cache(settings: SearchSettings, data, platform: str

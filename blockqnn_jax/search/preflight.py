@@ -26,12 +26,14 @@ from typing import Sequence
 
 import jax
 
-from blockqnn_jax import data as data_lib
-from blockqnn_jax import nsc
-from blockqnn_jax import results
-from blockqnn_jax.results import EvalResult
-from blockqnn_jax.settings import SearchSettings
+from blockqnn_jax.data import splits as splits_lib
+from blockqnn_jax.data import stream
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.storage import results
+from blockqnn_jax.storage.results import EvalResult
 from blockqnn_jax.training import candidate as candidate_lib
+from blockqnn_jax.training import devices as devices_lib
 from blockqnn_jax.training import streamed
 
 # One 3x3 convolution: the smallest block that trains, and one every grammar can express.
@@ -71,15 +73,15 @@ class Preflight:
   seconds: float
 
 
-def _sizes(data: data_lib.ImageSplits | data_lib.OpenStream) -> tuple[int, int]:
+def _sizes(data: splits_lib.ImageSplits | stream.OpenStream) -> tuple[int, int]:
   """(training images, validation images) of in-memory splits or a stream."""
-  if isinstance(data, data_lib.OpenStream):
+  if isinstance(data, stream.OpenStream):
     return len(data.train_indices), len(data.val_indices)
   return len(data.train_labels), len(data.val_labels)
 
 
 def check_data(settings: SearchSettings,
-               data: data_lib.ImageSplits | data_lib.OpenStream) -> None:
+               data: splits_lib.ImageSplits | stream.OpenStream) -> None:
   """Refuses a batch larger than the training split and an empty validation split."""
   num_train, num_val = _sizes(data)
   d, batch = settings.data, settings.train.batch_size
@@ -136,10 +138,10 @@ def check_devices(settings: SearchSettings, devices: Sequence[jax.Device],
           f'{max(per, size // per * per)})')
 
 
-def _slice(splits: data_lib.ImageSplits, num_train: int, num_val: int
-           ) -> data_lib.ImageSplits:
+def _slice(splits: splits_lib.ImageSplits, num_train: int, num_val: int
+           ) -> splits_lib.ImageSplits:
   """The first images of the train and validation splits (no test split)."""
-  return data_lib.ImageSplits(
+  return splits_lib.ImageSplits(
       splits.train_images[:num_train], splits.train_labels[:num_train],
       splits.val_images[:num_val], splits.val_labels[:num_val],
       splits.test_images[:0], splits.test_labels[:0], splits.num_classes,
@@ -147,7 +149,7 @@ def _slice(splits: data_lib.ImageSplits, num_train: int, num_val: int
 
 
 def train_reference(settings: SearchSettings,
-                    data: data_lib.ImageSplits | data_lib.OpenStream,
+                    data: splits_lib.ImageSplits | stream.OpenStream,
                     devices: Sequence[jax.Device]) -> EvalResult:
   """Trains ``REFERENCE_BLOCK`` for one epoch of ``REFERENCE_BATCHES`` batches on a slice of
   ``data`` with the search's training settings; a failure is a failed result."""
@@ -157,12 +159,12 @@ def train_reference(settings: SearchSettings,
   scoring = (config, settings.reward, settings.network)
   block = nsc.Block.parse(REFERENCE_BLOCK)
   try:
-    if isinstance(data, data_lib.OpenStream):
+    if isinstance(data, stream.OpenStream):
       small = dataclasses.replace(data, train_indices=data.train_indices[:num_train],
                                   val_indices=data.val_indices[:num_val])
       trainer = streamed.StreamingTrainer(small, devices, *scoring)
     else:
-      group = candidate_lib.DeviceGroup.place(_slice(data, num_train, num_val), devices)
+      group = devices_lib.DeviceGroup.place(_slice(data, num_train, num_val), devices)
       trainer = candidate_lib.CandidateTrainer(group, *scoring)
   except Exception as e:  # placing the data or sizing the epoch: reported like a failure
     return EvalResult.failed(REFERENCE_BLOCK, results.describe_failure(e),
@@ -171,7 +173,7 @@ def train_reference(settings: SearchSettings,
   return trainer.evaluate(block, seed=settings.seed)
 
 
-def run(settings: SearchSettings, data: data_lib.ImageSplits | data_lib.OpenStream,
+def run(settings: SearchSettings, data: splits_lib.ImageSplits | stream.OpenStream,
         devices: Sequence[jax.Device] | None = None) -> Preflight:
   """Checks that ``settings`` can train a candidate on ``data`` and ``devices``.
 
@@ -189,7 +191,7 @@ def run(settings: SearchSettings, data: data_lib.ImageSplits | data_lib.OpenStre
   """
   start = time.perf_counter()
   devices = list(devices or jax.local_devices())
-  streaming = isinstance(data, data_lib.OpenStream)
+  streaming = isinstance(data, stream.OpenStream)
   check_data(settings, data)
   check_devices(settings, devices, streaming)
   group = devices[:min(settings.executor.devices_per_candidate, len(devices))]

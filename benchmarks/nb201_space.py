@@ -28,7 +28,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from blockqnn_jax.space import SearchSpace
+from blockqnn_jax.nsc.space import SearchSpace
 
 OPS = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
 NUM_OPS = len(OPS)

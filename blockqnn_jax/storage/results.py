@@ -19,25 +19,10 @@ import math
 import traceback
 from typing import Any, Mapping
 
-from blockqnn_jax import nsc
+from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.settings.search import RewardConfig
 
 NAN = float('nan')
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-  """``reward = accuracy − μ·log(FLOPs / reference) − ρ·log(density)`` [reconstructed].
-
-  FLOPs are the block's own forward FLOPs per image at the first stage (width F, full
-  resolution), normalised by those of a reference block: one 3×3 convolution F → F at the
-  same size. Blocks cheaper than the reference get no bonus (the ratio is floored at 1), so
-  the FLOPs term is a pure penalty. With the defaults a typical block of a few 3×3 convs
-  (ratio ~5-20) loses 1.6-3 points for FLOPs and ~1 point per unit of log-density: a few
-  accuracy points, as the paper intends. μ = ρ = 0 gives plain accuracy.
-  """
-
-  mu: float = 0.01
-  rho: float = 0.02
 
 
 def compute_reward(accuracy: float, block_flops: float, reference_flops: float,
