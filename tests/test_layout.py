@@ -9,6 +9,7 @@ and moving it means updating its callers. The layers between packages are the
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ CALLERS = [p for d in ('blockqnn_jax', 'experiments', 'benchmarks', 'tests', 'co
            for p in sorted((ROOT / d).rglob('*.py')) if p.name != 'compile_share_driver.py']
 
 
+@functools.cache
 def _module_file(module: str) -> Path | None:
   path = ROOT / module.replace('.', '/')
   if (path / '__init__.py').exists():
@@ -33,7 +35,8 @@ def _is_alias(node: ast.Assign) -> bool:
           and isinstance(node.value, ast.Attribute) and node.value.attr == node.targets[0].id)
 
 
-def _defined(module: str) -> set[str]:
+@functools.cache
+def _defined(module: str) -> frozenset[str]:
   """Names a module binds at top level other than by importing or aliasing them."""
   names = set()
   for node in ast.parse(_module_file(module).read_text()).body:
@@ -44,7 +47,7 @@ def _defined(module: str) -> set[str]:
         continue
       targets = node.targets if isinstance(node, ast.Assign) else [node.target]
       names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-  return names
+  return frozenset(names)
 
 
 def _uses_of_library_names(path: Path):
