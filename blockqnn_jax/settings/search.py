@@ -181,6 +181,46 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class EarlyStop:
+  """Stopping the losers at rungs (successive halving decided against earlier iterations).
+
+  A candidate is scored on the held-out split after each rung's epoch (its reward at that
+  epoch) and stops there when that score is below the rung's line: the value the best
+  ``promote`` fraction of the earlier iterations' candidates reached at the same rung
+  (``strategies.rungs``). A stopped candidate is a result, not a failure: its reward is its
+  score at the rung where it stopped, what the strategy learns from it; it is never the kept
+  block. Beyond the paper (which trains every candidate to ``train.epochs``).
+
+  Attributes:
+    rungs: the epochs (steps, in a ``Study``) at which candidates are judged, increasing,
+      each before the last epoch; () (default): off.
+    promote: the fraction of a rung's candidates that go on, in (0, 1]; 1 scores the rungs
+      (and records them) without stopping anything.
+    min_history: a rung stops nothing until this many candidates of earlier iterations
+      reached it.
+  """
+
+  rungs: tuple[int, ...] = ()
+  promote: float = 0.5
+  min_history: int = 8
+
+  def __post_init__(self):
+    rungs = tuple(int(r) for r in self.rungs)
+    object.__setattr__(self, 'rungs', rungs)
+    check(all(r >= 1 for r in rungs) and list(rungs) == sorted(set(rungs)),
+          'search.early_stop.rungs', 'must be increasing epochs >= 1', rungs)
+    check(0.0 < self.promote <= 1.0, 'search.early_stop.promote', 'must be in (0, 1]',
+          self.promote)
+    check(self.min_history >= 1, 'search.early_stop.min_history', 'must be >= 1',
+          self.min_history)
+
+  @property
+  def active(self) -> bool:
+    """Whether candidates are scored at rungs at all."""
+    return bool(self.rungs)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopSettings:
   """The search loop: how many blocks, at which ε, how asynchronously.
 
@@ -218,6 +258,8 @@ class LoopSettings:
       ``FAST_CONFIRM`` in the smoke and gpu presets, where it pays on NAS-Bench-201 with
       noise (``benchmarks.nb201 --noise=1``); 1 in the cpu preset, whose one-epoch reward
       is biased more than it is noisy (``benchmarks.cpu_comparison``).
+    early_stop: rungs at which losing candidates stop training (``EarlyStop``; off by
+      default, as in the paper). Re-evaluations of the confirm rule train to the end.
   """
 
   blocks_per_iteration: int = 64
@@ -231,6 +273,7 @@ class LoopSettings:
   budget: int = 0
   eval_cache: str = ''
   confirm: int = 1
+  early_stop: EarlyStop = EarlyStop()
 
   def __post_init__(self):
     check(self.confirm >= 1, 'search.confirm', 'must be >= 1 (1: off)', self.confirm)
@@ -342,14 +385,21 @@ class SearchSettings(FromConfig):
   executor: ExecutorSettings = ExecutorSettings()
   preset: str = ''
 
+  def __post_init__(self):
+    rungs = self.search.early_stop.rungs
+    if rungs and self.preset != 'study':  # a study's steps are its trainer's, not epochs
+      check(rungs[-1] < self.train.epochs, 'search.early_stop.rungs',
+            f'must end before the last epoch (train.epochs = {self.train.epochs})', rungs)
+
   @classmethod
   def for_study(cls, strategy: str, budget: int, grammar: nsc.Grammar, seed: int = 0,
                 blocks_per_iteration: int = 4, max_staleness: int = 0,
-                confirm: int | None = None) -> 'SearchSettings':
+                confirm: int | None = None, early_stop: EarlyStop | None = None
+                ) -> 'SearchSettings':
     """What ``study.Study.create`` runs: the paper's search on ``grammar`` with the strategy
     (by its ``Study`` name) and budget, and a schedule long enough to offer the budget four
     times; ``confirm`` None is the strategy's default (``FAST_CONFIRM`` for the fast agent,
-    1 for the others)."""
+    1 for the others); ``early_stop`` None: off."""
     if budget < 1:
       raise SettingsError(f'budget must be >= 1, got {budget}')
     iterations = max(10, -(-4 * budget // blocks_per_iteration))
@@ -375,5 +425,7 @@ class SearchSettings(FromConfig):
           "('qlearning_paper'), 'random', 'evolution' or 'local_search'")
     if confirm is not None:
       search['confirm'] = confirm
+    if early_stop is not None:
+      search['early_stop'] = dataclasses.asdict(early_stop)
     return cls.from_config(dict(seed=seed, space=dataclasses.asdict(grammar), agent=agent,
                                 search=search, preset='study'))
