@@ -40,6 +40,10 @@ class EvalResult:
   seconds: ``compile_s`` (its programs; 0 when cached), ``train_s`` (training, data already
   on the device), ``eval_s`` (validation), ``total_s`` (everything, including placing data
   and building the model).
+
+  Under early stopping (``search.early_stop``) ``rungs`` holds the scores (rewards) at the
+  rungs it reached (``encode_scores``), and ``stopped_at`` the rung at which it stopped:
+  then ``val_accuracy`` and ``reward`` are those of that rung; 0 when it trained to the end.
   """
 
   block: str
@@ -59,6 +63,8 @@ class EvalResult:
   images_per_s: float = 0.0
   device: str = ''
   compile_cached: bool = False
+  stopped_at: int = 0
+  rungs: str = ''
 
   @property
   def ok(self) -> bool:
@@ -70,6 +76,16 @@ class EvalResult:
     """Whether this result stands for every later sample of the same block: a success, or
     a failure that is a fact about the block (not ``TRANSIENT_FAILURES``)."""
     return self.ok or not is_transient_failure(self.failure_reason)
+
+  @property
+  def stopped(self) -> bool:
+    """Whether it stopped at a rung (a result, with the rung's reward; never kept)."""
+    return self.stopped_at > 0
+
+  @property
+  def rung_scores(self) -> dict[int, float]:
+    """Its score at each rung it reached: step -> reward."""
+    return decode_scores(self.rungs)
 
   @property
   def nsc(self) -> str:
@@ -85,6 +101,22 @@ class EvalResult:
              **fields) -> 'EvalResult':
     return cls(block=block, canonical_key=canonical_key, status='failed',
                failure_reason=reason, device=device, **fields)
+
+
+def encode_scores(scores: Mapping[int, float]) -> str:
+  """Rung scores as the text a result keeps (``EvalResult.rungs``): ``[[step, score], ...]``
+  by step ('' for none)."""
+  if not scores:
+    return ''
+  return json.dumps([[int(s), float(v) if math.isfinite(v) else None]
+                     for s, v in sorted(scores.items())])
+
+
+def decode_scores(text: str) -> dict[int, float]:
+  """Inverse of ``encode_scores``."""
+  if not text:
+    return {}
+  return {int(s): (NAN if v is None else float(v)) for s, v in json.loads(text)}
 
 
 def encode_result(result: EvalResult) -> str:

@@ -20,6 +20,9 @@ search resumes from it. Tables:
   replicate 0 is the block's ``candidates`` row), the iteration that asked for it, the
   seed, whether the shared evaluation cache held it, and the result (JSON). A block's
   evidence is its first result and these.
+* ``reports`` — the scores a study's trainer reported for a trial as it trained
+  (``Study.report``: trial id, step, value), what early stopping (``search.early_stop``)
+  decides from while the trial is out; the told result keeps those at the rungs.
 * ``meta`` — the run's config (JSON) and schema version.
 """
 
@@ -69,6 +72,12 @@ CREATE TABLE IF NOT EXISTS evaluations (
   result TEXT NOT NULL,
   created_at REAL NOT NULL,
   PRIMARY KEY (canonical_key, replicate)
+);
+CREATE TABLE IF NOT EXISTS reports (
+  trial INTEGER NOT NULL,
+  step INTEGER NOT NULL,
+  value REAL,
+  PRIMARY KEY (trial, step)
 );
 CREATE TABLE IF NOT EXISTS agent_state (
   id INTEGER PRIMARY KEY CHECK (id = 0),
@@ -298,8 +307,11 @@ class ResultsStore(LockedDatabase):
       return self._db.execute(f'SELECT COUNT(*) FROM candidates {where}', args).fetchone()[0]
 
   def best(self) -> Candidate | None:
-    rows = self._select("WHERE status = 'ok' AND reward IS NOT NULL ORDER BY reward DESC, id "
-                        'LIMIT 1', ())
+    """The candidate with the best reward, of those trained to the end (not stopped)."""
+    trained_through = ' AND (stopped_at IS NULL OR stopped_at = 0)' \
+        if 'stopped_at' in self._columns else ''
+    rows = self._select(f"WHERE status = 'ok' AND reward IS NOT NULL{trained_through} "
+                        'ORDER BY reward DESC, id LIMIT 1', ())
     return rows[0] if rows else None
 
   def _select(self, clause: str, args: tuple) -> list[Candidate]:
@@ -345,6 +357,29 @@ class ResultsStore(LockedDatabase):
     with self._lock:
       self._db.execute('DELETE FROM evaluations WHERE canonical_key = ? AND replicate = ?',
                        (canonical_key, replicate))
+
+  # -- a study's reported scores --------------------------------------------------------------
+
+  def record_report(self, trial: int, step: int, value: float) -> None:
+    """Records ``value`` at ``step`` of ``trial`` (a second report of the step replaces it)."""
+    with self._lock:
+      self._db.execute('INSERT OR REPLACE INTO reports VALUES (?, ?, ?)',
+                       (int(trial), int(step), float(value) if np.isfinite(value) else None))
+
+  def reports(self, trial: int) -> dict[int, float]:
+    """The values reported for ``trial``, step -> value."""
+    with self._lock:
+      try:
+        rows = self._db.execute('SELECT step, value FROM reports WHERE trial = ? ORDER BY step',
+                                (int(trial),)).fetchall()
+      except sqlite3.OperationalError:  # a read-only store from before the table existed
+        return {}
+    return {s: (float('nan') if v is None else v) for s, v in rows}
+
+  def forget_reports(self, trial: int) -> None:
+    """Removes ``trial``'s reports (it is handed out again and trains anew)."""
+    with self._lock:
+      self._db.execute('DELETE FROM reports WHERE trial = ?', (int(trial),))
 
   def trainings(self) -> int:
     """What the budget counts: candidates evaluated (not repeats) plus further evaluations."""
