@@ -1,7 +1,9 @@
 """Streamed candidate evaluation (ImageNet-sized data): held-out validation from the
 training split, training on host batches, failures as results, the executor on streams."""
 
+import math
 from pathlib import Path
+import threading
 
 import jax
 import ml_collections
@@ -14,6 +16,7 @@ from blockqnn_jax.executors import local as local_executor
 from blockqnn_jax.models import architecture
 from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.strategies.rungs import StopLines
 from blockqnn_jax.training import streamed as streaming
 
 SMALL = nsc.parse('1,1,3,0,0 2,7,0,0,0')
@@ -158,3 +161,13 @@ def test_real_jpegs_stream_from_the_cifar10_tar(shared_data):
   result = _trainer(opened, config).evaluate(SMALL)
   assert result.ok, result.failure_reason
   assert 0 <= result.val_accuracy <= 1 and result.images_per_s > 0
+
+
+def test_a_streamed_candidate_stops_at_a_rung_and_its_stream_stops_decoding(stream):
+  trainer = _trainer(stream, _config(epochs=3))
+  scored = trainer.evaluate(SMALL, seed=0, lines=StopLines((1, 2), (-math.inf, -math.inf)))
+  threads = threading.active_count()
+  stopped = trainer.evaluate(SMALL, seed=0, lines=StopLines((1, 2), (math.inf, -math.inf)))
+  assert scored.ok and not scored.stopped and sorted(scored.rung_scores) == [1, 2]
+  assert stopped.stopped_at == 1 and stopped.reward == scored.rung_scores[1]
+  assert threading.active_count() <= threads  # the stopped stream's decoder has finished

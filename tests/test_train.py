@@ -17,6 +17,7 @@ from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.settings import search
 from blockqnn_jax.settings.search import SearchSettings
 from blockqnn_jax.storage import results
+from blockqnn_jax.strategies.rungs import StopLines
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import compile_cache, engine
 from blockqnn_jax.training import devices as devices_lib
@@ -370,3 +371,52 @@ def test_several_workers_share_one_device(splits):
     outcomes = executor.map(blocks, seeds=[0, 1])
   assert all(r.ok for r in outcomes)
   assert [r.block for r in outcomes] == [b.to_text() for b in blocks]
+
+
+# -- early stopping at rungs -----------------------------------------------------------------
+
+INF = math.inf
+
+
+def test_a_candidate_scored_at_rungs_trains_as_without_and_stops_below_a_line(trainer):
+  plain = trainer.evaluate(RESIDUAL, seed=1)
+  scored = trainer.evaluate(RESIDUAL, seed=1, lines=StopLines((2, 4), (-INF, -INF)))
+  assert scored.ok and not scored.stopped and not plain.rungs
+  assert sorted(scored.rung_scores) == [2, 4]
+  # Scoring at the rungs reads the state and changes nothing of the training.
+  assert (scored.val_accuracy, scored.reward, scored.final_loss) == (
+      plain.val_accuracy, plain.reward, plain.final_loss)
+  # A line above its rung-4 score stops it there, with that score as its reward.
+  stopped = trainer.evaluate(RESIDUAL, seed=1, lines=StopLines((2, 4), (-INF, INF)))
+  assert stopped.ok and stopped.stopped and stopped.stopped_at == 4
+  assert stopped.reward == scored.rung_scores[4]
+  assert stopped.rung_scores == scored.rung_scores
+  # The reward's cost terms are the block's, whatever the epoch.
+  assert stopped.val_accuracy - stopped.reward == pytest.approx(
+      plain.val_accuracy - plain.reward)
+  # A score equal to the line goes on; one just below stops (and trains 2 epochs, not 6).
+  at_line = trainer.evaluate(RESIDUAL, seed=1,
+                             lines=StopLines((2, 4), (scored.rung_scores[2], -INF)))
+  assert not at_line.stopped and at_line.reward == plain.reward
+  above = np.nextafter(scored.rung_scores[2], INF)
+  early = trainer.evaluate(RESIDUAL, seed=1, lines=StopLines((2, 4), (above, -INF)))
+  assert early.stopped_at == 2 and early.rung_scores == {2: scored.rung_scores[2]}
+
+
+def test_the_scanned_loop_stops_at_the_same_rung_with_the_same_score(splits, trainer):
+  lines = StopLines((3,), (INF,))
+  steps = trainer.evaluate(SMALL, seed=2, lines=lines)
+  s = SearchSettings.from_config(_config(loop='scan'))
+  scan = candidate_lib.CandidateTrainer(devices_lib.DeviceGroup.place(
+      splits, jax.local_devices()[:1]), s.train, s.reward, s.network).evaluate(
+          SMALL, seed=2, lines=lines)
+  assert steps.stopped_at == scan.stopped_at == 3
+  assert abs(steps.val_accuracy - scan.val_accuracy) <= 1 / 64  # at most one image differs
+
+
+def test_the_executor_hands_a_jobs_lines_to_its_trainer(splits):
+  config = _config(epochs=3)
+  with _executor(splits, config, jax.local_devices()[:1]) as executor:
+    stopped = executor.submit(SMALL, 0, StopLines((1,), (INF,))).result()
+    whole = executor.submit(SMALL, 0).result()
+  assert stopped.stopped_at == 1 and not whole.stopped and not whole.rungs

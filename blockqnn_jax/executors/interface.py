@@ -1,6 +1,6 @@
 """The executor interface the search drives.
 
-An executor evaluates candidates: ``submit(block, seed)`` returns a
+An executor evaluates candidates: ``submit(block, seed, lines)`` returns a
 ``concurrent.futures.Future`` of a ``results.EvalResult`` that never raises (a failing
 candidate is a failed result). ``local.LocalExecutor`` runs them on this machine's devices,
 ``ray_cluster.RayExecutor`` on worker actors of a Ray cluster; ``factory.make_executor``
@@ -18,15 +18,17 @@ from blockqnn_jax.models.prepare import PreparedBlock
 from blockqnn_jax.nsc import canonical
 from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.storage.results import EvalResult
+from blockqnn_jax.strategies.rungs import StopLines
 
 
 @dataclasses.dataclass
 class Job:
-  """One submitted candidate (a block, or one prepared once: ``PreparedBlock``) and the
-  future its result goes to."""
+  """One submitted candidate (a block, or one prepared once: ``PreparedBlock``), its early
+  stopping (``rungs.StopLines``, or None) and the future its result goes to."""
 
   block: nsc.Block | PreparedBlock
   seed: int
+  lines: StopLines | None = None
   future: concurrent.futures.Future = dataclasses.field(
       default_factory=concurrent.futures.Future)
   attempts: int = 0
@@ -49,8 +51,10 @@ class Executor(abc.ABC):
   """Evaluates candidates asynchronously; a context manager that closes itself."""
 
   @abc.abstractmethod
-  def submit(self, block: nsc.Block, seed: int = 0) -> concurrent.futures.Future:
-    """Queues ``block``; the future's result is its ``EvalResult``."""
+  def submit(self, block: nsc.Block, seed: int = 0, lines: StopLines | None = None
+             ) -> concurrent.futures.Future:
+    """Queues ``block``; the future's result is its ``EvalResult``, stopped at a rung of
+    ``lines`` where it scores below the line."""
 
   @abc.abstractmethod
   def utilisation(self) -> float:

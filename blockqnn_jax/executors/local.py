@@ -25,6 +25,7 @@ from blockqnn_jax.models.prepare import PreparedBlock
 from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.settings.search import SearchSettings
 from blockqnn_jax.storage import results
+from blockqnn_jax.strategies.rungs import StopLines
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import compile_cache, streamed
 from blockqnn_jax.training import devices as devices_lib
@@ -85,9 +86,9 @@ class LocalExecutor(executor_lib.Executor):
     ``submit`` takes in its place, so a search prepares each block once."""
     return self.trainers[0].prepare(block)
 
-  def submit(self, block: nsc.Block | PreparedBlock, seed: int = 0
-             ) -> concurrent.futures.Future:
-    job = executor_lib.Job(block, seed)
+  def submit(self, block: nsc.Block | PreparedBlock, seed: int = 0,
+             lines: StopLines | None = None) -> concurrent.futures.Future:
+    job = executor_lib.Job(block, seed, lines)
     self._queue.put(job)
     return job.future
 
@@ -137,7 +138,8 @@ class LocalExecutor(executor_lib.Executor):
       try:
         ahead = compiling.result() if compiling is not None else None
         block, compiled = ahead if ahead is not None else (job.block, None)
-        evaluation = trainer.evaluate(block, seed=job.seed, compiled=compiled)
+        evaluation = trainer.evaluate(block, seed=job.seed, compiled=compiled,
+                                      lines=job.lines)
       except Exception as e:  # never let the thread die and leave futures pending
         evaluation = job.failed(results.describe_failure(e), device=trainer.group.name)
       self._busy_s[index] += time.perf_counter() - start

@@ -77,8 +77,8 @@ class _Worker:
             'node_id': ray.get_runtime_context().get_node_id(),
             'devices': [str(d) for d in self.devices]}
 
-  def evaluate(self, block: nsc.Block, seed: int):
-    return self.executor.submit(block, seed).result()
+  def evaluate(self, block: nsc.Block, seed: int, lines: StopLines | None = None):
+    return self.executor.submit(block, seed, lines).result()
 
 
 @dataclasses.dataclass
@@ -180,9 +180,9 @@ class RayExecutor(executor_lib.Executor):
     return PreparedBlock.prepare(block, network, image_shape, num_classes,
                                  grammar or nsc.Grammar(max_index=max(2, len(block.layers))))
 
-  def submit(self, block: nsc.Block | PreparedBlock, seed: int = 0
-             ) -> concurrent.futures.Future:
-    job = executor_lib.Job(block, seed)
+  def submit(self, block: nsc.Block | PreparedBlock, seed: int = 0,
+             lines: StopLines | None = None) -> concurrent.futures.Future:
+    job = executor_lib.Job(block, seed, lines)
     with self._lock:
       if self._closing:
         raise RuntimeError('the executor is closed')
@@ -264,7 +264,7 @@ class RayExecutor(executor_lib.Executor):
           while w.ready and self._queue and len(w.jobs) < self.jobs_per_worker:
             job = self._queue.popleft()
             job.attempts += 1
-            w.jobs[w.actor.evaluate.remote(job.block, job.seed)] = job
+            w.jobs[w.actor.evaluate.remote(job.block, job.seed, job.lines)] = job
         refs = [w.ready_ref for w in self._workers if not w.ready]
         refs += [ref for w in self._workers for ref in w.jobs]
       if not refs:

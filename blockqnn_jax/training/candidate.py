@@ -6,7 +6,8 @@ A candidate compiles two programs of its own, and only what depends on its block
   (``loop='steps'``, what XLA:CPU runs fastest) or one ``lax.scan`` over an epoch's steps
   per epoch (``loop='scan'``); both train on the same batches from the same keys, so they
   train the same network.
-* ``evaluate``: the validation accuracy and loss, batched with ``lax.map``.
+* ``evaluate``: the validation accuracy and loss, batched with ``lax.map``; also what
+  scores it at its rungs under early stopping (``scorer.RungWatch``).
 
 What is the same for every block is not compiled per candidate: each epoch's shuffled and
 augmented batches come from one program per search and data shape (``engine.epoch_batches``,
@@ -48,6 +49,7 @@ from blockqnn_jax.models.prepare import PreparedBlock
 from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.settings.search import NetworkSettings, RewardConfig, TrainConfig
 from blockqnn_jax.storage.results import EvalResult
+from blockqnn_jax.strategies.rungs import StopLines
 from blockqnn_jax.training import engine
 from blockqnn_jax.training.compile_cache import CompileCache
 from blockqnn_jax.training.devices import DeviceGroup
@@ -225,23 +227,25 @@ class CandidateTrainer(CandidateScorer):
     key = jax.random.key(seed, impl=self.train_config.prng_impl)
     return jax.device_put(compiled.init(key), self.group.replicated)
 
-  def fit(self, compiled: CompiledCandidate, state: engine.TrainState, epoch_keys: jax.Array
-          ) -> tuple[engine.TrainState, np.ndarray]:
-    """Trains from ``state``: ``(trained state, per-epoch mean training loss)``."""
+  def fit(self, compiled: CompiledCandidate, state: engine.TrainState, epoch_keys: jax.Array,
+          on_epoch=None) -> tuple[engine.TrainState, np.ndarray]:
+    """Trains from ``state``: ``(trained state, per-epoch mean training loss)``; ``on_epoch``
+    as ``engine.step_loop``'s (a ``RungWatch`` stops it early)."""
     g = self.group
     batches = self.epoch_batches()
     if compiled.loop == 'scan':  # one program per epoch: the loop is over epochs
       def epochs():
         for epoch_key in epoch_keys:
           yield (*batches(epoch_key, g.train_images, g.train_labels), g.mean, g.std)
-      state, epoch_loss = engine.step_loop(state, epochs(), compiled.fit, 1)
+      state, epoch_loss = engine.step_loop(state, epochs(), compiled.fit, 1, on_epoch)
     else:
       def steps():
         for epoch_key in epoch_keys:
           pixels, labels = batches(epoch_key, g.train_images, g.train_labels)
           for i in range(self.steps_per_epoch):
             yield pixels, labels, i, g.mean, g.std
-      state, epoch_loss = engine.step_loop(state, steps(), compiled.fit, self.steps_per_epoch)
+      state, epoch_loss = engine.step_loop(state, steps(), compiled.fit, self.steps_per_epoch,
+                                           on_epoch)
     return state, np.asarray(jax.numpy.stack(epoch_loss))  # waits for training
 
   def train(self, compiled: CompiledCandidate, seed: int
@@ -249,23 +253,34 @@ class CandidateTrainer(CandidateScorer):
     """``start`` then ``fit``: a compiled candidate trained from ``seed``."""
     return self.fit(compiled, *self.start(compiled, seed))
 
-  def _train(self, prepared: PreparedBlock, compiled: CompiledCandidate, seed: int) -> Trained:
+  def _train(self, prepared: PreparedBlock, compiled: CompiledCandidate, seed: int,
+             lines: StopLines | None = None) -> Trained:
     g, config = self.group, self.train_config
     self.epoch_batches()  # compiled by the first candidate only, not part of its training
+
+    def validate(state):
+      accuracy, loss = compiled.evaluate(state.params, state.batch_stats, g.val_images,
+                                         g.val_labels, g.mean, g.std)
+      return float(accuracy), float(loss)
+
+    watch = self._watch(prepared, lines, validate)
     state, epoch_keys = self.start(compiled, seed)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
-    state, epoch_loss = self.fit(compiled, state, epoch_keys)
-    train_s = time.perf_counter() - t0
+    state, epoch_loss = self.fit(compiled, state, epoch_keys, watch)
+    train_s = time.perf_counter() - t0 - watch.eval_s
     # Checked before validating: a diverged network is not worth evaluating.
     engine.check_divergence(epoch_loss, 0.0, self.num_classes)
+    images = len(epoch_loss) * self.steps_per_epoch * config.batch_size
+    if watch.stopped is not None:
+      _, accuracy, val_loss = watch.stopped
+      return Trained(epoch_loss, accuracy, val_loss, train_s, watch.eval_s, images / train_s,
+                     watch.scores, watch.stopped_at)
     t0 = time.perf_counter()
-    accuracy, val_loss = compiled.evaluate(state.params, state.batch_stats, g.val_images,
-                                           g.val_labels, g.mean, g.std)
-    accuracy = float(accuracy)
-    eval_s = time.perf_counter() - t0
-    images = config.epochs * self.steps_per_epoch * config.batch_size
-    return Trained(epoch_loss, accuracy, float(val_loss), train_s, eval_s, images / train_s)
+    accuracy, val_loss = validate(state)
+    eval_s = time.perf_counter() - t0 + watch.eval_s
+    return Trained(epoch_loss, accuracy, val_loss, train_s, eval_s, images / train_s,
+                   watch.scores)
 
 
 def evaluate(block: nsc.Block, train_config: TrainConfig, reward_config: RewardConfig,

@@ -277,7 +277,8 @@ def epoch_batches(key: jax.Array, images: jax.Array, labels: jax.Array, *, batch
 
 
 def step_loop(state: TrainState, batches: Iterable[tuple], step: Callable,
-              steps_per_epoch: int, on_epoch: Callable[[list], None] | None = None
+              steps_per_epoch: int,
+              on_epoch: Callable[[list, TrainState], bool | None] | None = None
               ) -> tuple[TrainState, list]:
   """The one Python loop of compiled steps: ``state, loss = step(state, *args)`` for every
   ``args`` of ``batches``, dispatched without waiting for the device.
@@ -288,11 +289,13 @@ def step_loop(state: TrainState, batches: Iterable[tuple], step: Callable,
       epoch's batches when it gets there).
     step: a compiled step returning ``(state, loss)``.
     steps_per_epoch: steps per epoch: each epoch's losses are averaged.
-    on_epoch: called with the epochs' mean losses so far after each epoch (a check that
-      reads them waits for the device there; none waits only at the end).
+    on_epoch: called with the epochs' mean losses so far and the state after each epoch (a
+      check that reads them waits for the device there; none waits only at the end); a
+      true return stops the loop there (early stopping), leaving the rest of ``batches``
+      unread.
 
   Returns:
-    ``(state, epoch means)``: the means are ``()`` arrays, one per epoch.
+    ``(state, epoch means)``: the means are ``()`` arrays, one per epoch run.
   """
   epoch_loss, losses = [], []
   for args in batches:
@@ -301,8 +304,8 @@ def step_loop(state: TrainState, batches: Iterable[tuple], step: Callable,
     if len(losses) == steps_per_epoch:
       epoch_loss.append(jnp.mean(jnp.stack(losses)))
       losses = []
-      if on_epoch is not None:
-        on_epoch(epoch_loss)
+      if on_epoch is not None and on_epoch(epoch_loss, state):
+        break
   return state, epoch_loss
 
 

@@ -25,6 +25,7 @@ from blockqnn_jax.data.stream import OpenStream
 from blockqnn_jax.models.prepare import PreparedBlock
 from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.settings.search import NetworkSettings, RewardConfig, TrainConfig
+from blockqnn_jax.strategies.rungs import StopLines
 from blockqnn_jax.training import candidate as candidate_lib
 from blockqnn_jax.training import compile_cache, engine, scorer
 from blockqnn_jax.training import devices as devices_lib
@@ -121,8 +122,8 @@ class StreamingTrainer(scorer.CandidateScorer):
                         engine.compile_lowered(eval_c, self.compiler_options),
                         time.perf_counter() - start)
 
-  def _train(self, prepared: PreparedBlock, compiled: CompiledStep, seed: int
-             ) -> scorer.Trained:
+  def _train(self, prepared: PreparedBlock, compiled: CompiledStep, seed: int,
+             lines: StopLines | None = None) -> scorer.Trained:
     g, config = self.group, self.train_config
     augment = self.augmentation()
     with jax.default_device(g.devices[0]):  # op by op: small programs every candidate shares
@@ -138,20 +139,31 @@ class StreamingTrainer(scorer.CandidateScorer):
         yield (augment(data_key, i, jax.device_put(images, g.batched)),
                jax.device_put(labels, g.batched), self.mean, self.std)
 
-    def check(epoch_loss):  # stop streaming a diverged candidate at the end of its epoch
-      engine.check_divergence([float(x) for x in epoch_loss], 0.0, self.num_classes)
-
-    state, epoch_loss = engine.step_loop(state, steps(), compiled.step, self.steps_per_epoch,
-                                         on_epoch=check)
+    # Checks every epoch (stops streaming a diverged candidate at the end of its epoch), and
+    # at the rungs validates and stops a loser.
+    watch = self._watch(prepared, lines, lambda state: self._validate(
+        compiled, state.params, state.batch_stats), check_every_epoch=True)
+    batches = steps()
+    try:
+      state, epoch_loss = engine.step_loop(state, batches, compiled.step,
+                                           self.steps_per_epoch, on_epoch=watch)
+    finally:
+      batches.close()  # a stopped candidate's stream stops decoding
+      stream.close()
     epoch_losses = [float(x) for x in epoch_loss]
     jax.block_until_ready(state)
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - watch.eval_s
+    images_seen = len(epoch_losses) * self.steps_per_epoch * config.batch_size
+    if watch.stopped is not None:
+      _, accuracy, val_loss = watch.stopped
+      return scorer.Trained(np.asarray(epoch_losses), accuracy, val_loss, train_s,
+                            watch.eval_s, images_seen / train_s, watch.scores,
+                            watch.stopped_at)
     t0 = time.perf_counter()
     accuracy, val_loss = self._validate(compiled, state.params, state.batch_stats)
-    eval_s = time.perf_counter() - t0
-    images_seen = config.epochs * self.steps_per_epoch * config.batch_size
+    eval_s = time.perf_counter() - t0 + watch.eval_s
     return scorer.Trained(np.asarray(epoch_losses), accuracy, val_loss, train_s,
-                          eval_s, images_seen / train_s)
+                          eval_s, images_seen / train_s, watch.scores)
 
   def _validate(self, compiled: CompiledStep, params, batch_stats) -> tuple[float, float]:
     g, size = self.group, self.train_config.eval_batch_size
