@@ -60,6 +60,9 @@ def _summary_lines(summary: search_lib.SearchSummary, workdir: Path) -> list[str
       f'cache hit rate {summary.cache_hit_rate:.1%}, {summary.wall_s:.0f} s']
   if summary.reevaluations:
     lines.append(f're-evaluations (the confirm rule): {summary.reevaluations}')
+  if summary.stopped:
+    lines.append(f'stopped at a rung (search.early_stop): {summary.stopped} of the '
+                 f'{summary.trained - summary.trained_failed} trained')
   if summary.worker_idle_fraction is not None:
     lines.append(f'workers idle {summary.worker_idle_fraction:.1%} of the time')
   best = summary.best

@@ -21,6 +21,7 @@ from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.report import compare
 from blockqnn_jax.search.study import Study, StudyError
 from blockqnn_jax.settings.base import ConfigMismatch
+from blockqnn_jax.settings.search import EarlyStop, SearchSettings
 from blockqnn_jax.storage import store as store_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,15 +330,16 @@ def test_interrupted_during_confirmation_a_study_resumes_exactly(stops, tmp_path
     np.testing.assert_array_equal(array, cut[1][1][name], err_msg=name)
 
 
-def _readme_example() -> str:
+def _readme_examples() -> list[str]:
+  """The python blocks of the README's own-trainer section: the study, then early stopping."""
   text = (ROOT / 'README.md').read_text()
-  section = text.split('\n## Your own trainer\n', 1)[1]
-  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+  section = text.split('\n## Your own trainer\n', 1)[1].split('\n## ', 1)[0]
+  return re.findall(r'```python\n(.*?)```', section, re.S)
 
 
 @pytest.mark.slow
 def test_the_readme_example_runs_as_written_from_an_empty_folder(tmp_path):
-  code = _readme_example()
+  code = _readme_examples()[0]
   assert 10 <= len(code.strip().splitlines()) <= 20
   done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
                         text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -347,3 +349,141 @@ def test_the_readme_example_runs_as_written_from_an_empty_folder(tmp_path):
   assert len(workdirs) == 1
   assert compare.load_curve(workdirs[0]).trained >= 10
   json.dumps(done.stdout)
+
+
+def test_the_readme_early_stopping_example_runs_as_written_and_stops_losers(tmp_path):
+  code = _readme_examples()[1]
+  assert 'study.report(' in code and 'stopped=True' in code
+  done = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert done.returncode == 0, done.stderr[-3000:]
+  stopped = int(re.search(r'stopped: (\d+)', done.stdout).group(1))
+  (workdir,) = [p for p in tmp_path.iterdir() if (p / store_lib.DB_NAME).is_file()]
+  with store_lib.ResultsStore.open_read_only(workdir) as store:
+    rows = [c for c in store.candidates() if not c.cached]
+  assert 0 < stopped == sum(c.stopped for c in rows) < len(rows)
+  # A stopped trial's reward is its score at the rung it stopped at, stored with the rungs.
+  for c in rows:
+    assert c.rung_scores and (not c.stopped or c.reward == c.rung_scores[c.stopped_at])
+  kept = re.search(r'kept: (.*?)  reward', done.stdout).group(1)
+  assert [c.stopped for c in rows if c.nsc == kept] == [False]
+
+
+# -- early stopping at rungs: report, should_stop, stopped trials ------------------------------
+
+EARLY = EarlyStop(rungs=(1, 2), promote=0.5, min_history=4)
+
+
+def curve(block, step: int) -> float:
+  """A stand-in learning curve: rises to ``score`` at step 4."""
+  return score(block) * (0.5 + step / 8)
+
+
+def _run_stopping(study, stop_after=None):
+  """Trains every trial for 4 steps, reporting each and stopping it where told to, until done
+  (or, after ``stop_after`` tells, reports one more trial's first step and returns)."""
+  told = 0
+  while (trial := study.ask()) is not None:
+    if trial.known:
+      continue
+    if told == stop_after:
+      study.report(trial, 1, curve(trial.block, 1))  # then the worker dies
+      return
+    for step in range(1, 5):
+      study.report(trial, step, curve(trial.block, step))
+      if study.should_stop(trial):
+        study.tell(trial, stopped=True, val_accuracy=0.5)
+        break
+    else:  # its accuracy 0.01 above its reward: the block's cost terms
+      study.tell(trial, curve(trial.block, 4), val_accuracy=curve(trial.block, 4) + 0.01)
+    told += 1
+
+
+def _expected_stop(candidate, earlier) -> int:
+  """Where a candidate must stop, worked out from the earlier iterations' rung scores."""
+  for rung in EARLY.rungs:
+    scores = sorted((e.rung_scores[rung] for e in earlier if rung in e.rung_scores),
+                    reverse=True)
+    if len(scores) >= EARLY.min_history and curve(candidate.parse_block(), rung) < scores[
+        math.ceil(EARLY.promote * len(scores)) - 1]:
+      return rung
+  return 0
+
+
+def test_a_trial_below_the_line_of_earlier_iterations_stops_and_is_never_kept(tmp_path):
+  with _open(tmp_path, strategy='qlearning_fast', budget=24, early_stop=EARLY) as study:
+    _run_stopping(study)
+    summary = study.summary()
+    kept = study.kept()
+  with store_lib.ResultsStore.open_read_only(tmp_path) as store:
+    trained = [c for c in store.candidates() if not c.cached]
+    best = store.best()
+  stopped = [c for c in trained if c.stopped]
+  assert stopped and summary['stopped'] == len(stopped) and len(trained) == 24
+  for c in trained:
+    earlier = [e for e in trained if e.iteration < c.iteration]
+    assert c.stopped_at == _expected_stop(c, earlier), c
+    block = c.parse_block()
+    reached = [r for r in EARLY.rungs if not c.stopped or r <= c.stopped_at]
+    assert c.rung_scores == {r: curve(block, r) for r in reached}
+    assert c.reward == (curve(block, c.stopped_at) if c.stopped else curve(block, 4))
+  assert not any(c.stopped for c in trained if c.iteration == 0)  # no history yet
+  assert not best.stopped and best.reward == max(c.reward for c in trained if not c.stopped)
+  assert kept.canonical_key == best.canonical_key
+
+
+def test_a_study_with_early_stopping_resumes_exactly(tmp_path):
+  with _open(tmp_path / 'whole', strategy='qlearning_fast', early_stop=EARLY) as study:
+    _run_stopping(study)
+  for stop_after in (5, 11):
+    with _open(tmp_path / 'cut', strategy='qlearning_fast', early_stop=EARLY) as study:
+      _run_stopping(study, stop_after=stop_after)
+  with _open(tmp_path / 'cut', strategy='qlearning_fast', early_stop=EARLY) as study:
+    _run_stopping(study)
+  rows = lambda w: [(c.iteration, c.position, c.stopped_at, c.rungs, c.reward)
+                    for c in store_lib.ResultsStore.open_read_only(w).candidates()]
+  assert rows(tmp_path / 'whole') == rows(tmp_path / 'cut')
+  assert _rows(tmp_path / 'whole')[0] == _rows(tmp_path / 'cut')[0]
+
+
+def test_bad_reports_and_stops_are_one_line_errors_and_store_nothing(tmp_path):
+  with _open(tmp_path, early_stop=EARLY) as study:
+    trial = study.ask()
+    with pytest.raises(StudyError, match='integer >= 1'):
+      study.report(trial, 0, 0.5)
+    with pytest.raises(StudyError, match='must be a number'):
+      study.report(trial, 1, 'high')
+    with pytest.raises(StudyError, match='not below the line'):
+      study.tell(trial, stopped=True)  # nothing reported: nothing to stop on
+    with pytest.raises(StudyError, match='alone'):
+      study.tell(trial, 0.5, stopped=True)
+    assert not study.should_stop(trial)  # iteration 0 has no history: every line is -inf
+    assert study.store.count() == 0 and study.store.reports(trial.id) == {}
+
+
+def test_a_result_from_the_shared_cache_is_stopped_where_this_study_would_stop_it(tmp_path):
+  from blockqnn_jax.storage import eval_cache
+  measured = EarlyStop(rungs=(1, 2), promote=1.0)  # scored at the rungs, nothing stopped
+  cache_path = tmp_path / 'cache.sqlite'
+
+  def settings(early_stop):
+    s = SearchSettings.for_study('random', 16, GRAMMAR, blocks_per_iteration=4, confirm=1,
+                                 early_stop=early_stop)
+    return SearchSettings.from_config({**s.to_dict(), 'search': {
+        **s.to_dict()['search'], 'eval_cache': str(cache_path)}})
+
+  with eval_cache.EvalCache(cache_path, 'fid') as cache:
+    with Study(settings(measured), tmp_path / 'first', eval_cache=cache) as study:
+      _run_stopping(study)  # every trial reported at 1..4, none stopped, all in the cache
+    with Study(settings(EARLY), tmp_path / 'second', eval_cache=cache) as study:
+      _run_stopping(study)
+  with store_lib.ResultsStore.open_read_only(tmp_path / 'second') as store:
+    shared = [c for c in store.candidates() if c.shared]
+    everything = [c for c in store.candidates() if not c.cached]
+  assert shared and any(c.stopped for c in shared)
+  for c in shared:
+    earlier = [e for e in everything if e.iteration < c.iteration]
+    assert c.stopped_at == _expected_stop(c, earlier)
+    if c.stopped:
+      assert c.reward == curve(c.parse_block(), c.stopped_at)
+      assert c.val_accuracy == pytest.approx(c.reward + 0.01)  # the block's cost terms kept

@@ -45,7 +45,8 @@ class SearchSummary:
   cache shared with other searches instead of trained here) and ``cached`` reused an
   identical block's result; ``failed`` counts every failed row, reused ones included.
   ``reevaluations`` are the further evaluations of the confirm rule (``search.confirm``),
-  and ``kept`` the block the search hands over, with its evidence."""
+  and ``kept`` the block the search hands over, with its evidence; ``stopped`` of the
+  trained ones stopped at a rung (``search.early_stop``)."""
 
   iterations_done: int
   candidates: int
@@ -59,6 +60,7 @@ class SearchSummary:
   shared: int = 0
   reevaluations: int = 0
   kept: Any = None  # confirm.Kept
+  stopped: int = 0
 
   @property
   def cache_hit_rate(self) -> float:
@@ -106,7 +108,8 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
   Args:
     settings: the search's settings (``SearchSettings.from_config`` of configs/cifar.py).
     workdir: where the store, TensorBoard events and compiled programs live.
-    executor: anything with ``submit(block, seed) -> Future[EvalResult]``; an optional
+    executor: anything with ``submit(block, seed) -> Future[EvalResult]`` (and a ``lines``
+      argument under ``search.early_stop``, ``executors.interface``); an optional
       ``prepare(block)`` (a ``PreparedBlock``, handed to ``submit`` in place of the block:
       each block is prepared once) and ``utilisation()`` (fraction of worker time spent
       evaluating, logged).
@@ -148,7 +151,8 @@ def run_search(settings: SearchSettings, workdir: str | Path, executor, *,
       trained=counts['trained'], cached=counts['cached'], failed=counts['failed'],
       best=counts['best'], wall_s=time.perf_counter() - start,
       worker_idle_fraction=monitor.idle_fraction(), trained_failed=counts['trained_failed'],
-      shared=counts['shared'], reevaluations=counts['reevaluations'], kept=counts['kept'])
+      shared=counts['shared'], reevaluations=counts['reevaluations'], kept=counts['kept'],
+      stopped=counts['stopped'])
 
 
 def _drive(study: study_lib.Study, executor, bar: '_Progress', done: Callable[[], int]) -> None:
@@ -159,7 +163,10 @@ def _drive(study: study_lib.Study, executor, bar: '_Progress', done: Callable[[]
     while (trial := study.ask()) is not None:
       if not trial.known:
         block = trial.prepared if trial.prepared is not None else trial.block
-        out[executor.submit(block, seed=trial.seed)] = trial
+        # Early stopping's lines only where there are some: any executor with
+        # ``submit(block, seed)`` drives a search without it.
+        lines = {'lines': trial.stop_lines} if trial.stop_lines is not None else {}
+        out[executor.submit(block, seed=trial.seed, **lines)] = trial
     bar.move_to(done())  # candidates known at once (repeats, the shared cache)
     if study.done or not out:
       break

@@ -35,6 +35,22 @@ learns the iteration from each block's mean reward. Every evaluation is stored (
 budget; ``kept()`` is the block the evidence supports. The decisions are replayed from the
 stored evaluations in a fixed order, so a resumed study decides as the first run did.
 
+With ``search.early_stop`` a trial carries the lines of its rungs (``trial.stop_lines``,
+``strategies.rungs``: decided from the rung scores of iterations already learned, so a
+resumed study hands out the same lines). A trainer of its own reports as it trains and
+stops a loser (Optuna's shape):
+
+  for epoch in range(1, epochs + 1):
+    score = train_one_epoch_and_validate(trial.block)
+    study.report(trial, epoch, score)
+    if study.should_stop(trial):
+      study.tell(trial, stopped=True)  # its reward: the score at the rung it stopped at
+      break
+  else:
+    study.tell(trial, reward=score)
+
+A stopped trial is a result (the strategy learns its rung score), never the kept block.
+
 ``search.run_search`` is this loop with an executor doing the training.
 """
 
@@ -55,7 +71,7 @@ from blockqnn_jax.models.prepare import PreparedBlock
 from blockqnn_jax.nsc import canonical
 from blockqnn_jax.nsc import grammar as nsc
 from blockqnn_jax.nsc import space as space_lib
-from blockqnn_jax.settings.search import SearchSettings
+from blockqnn_jax.settings.search import EarlyStop, SearchSettings
 from blockqnn_jax.storage import eval_cache as eval_cache_lib
 from blockqnn_jax.storage import results as results_lib
 from blockqnn_jax.storage import store as store_lib
@@ -65,6 +81,7 @@ from blockqnn_jax.storage.stored_config import check_config
 from blockqnn_jax.strategies import confirm as confirm_lib
 from blockqnn_jax.strategies import qlearning as ql
 from blockqnn_jax.strategies import registry, state
+from blockqnn_jax.strategies import rungs as rungs_lib
 
 # fold_in stream of the strategy's initial key (iterations use streams 0, 1, 2, ...).
 _INIT_STREAM = 2**31 - 1
@@ -105,6 +122,9 @@ class Trial:
     replicate: 0 for a block's first evaluation; 1, 2, ... for a re-evaluation asked by the
       confirm rule (the same block trained again from ``seed``, another seed). A
       re-evaluation's ``id`` is negative and ``position`` is -1.
+    stop_lines: under early stopping (``search.early_stop``), its rungs and the line at
+      each (``rungs.StopLines``: fixed when its iteration is proposed); None otherwise, and
+      for re-evaluations, which train to the end.
   """
 
   id: int
@@ -117,6 +137,7 @@ class Trial:
   result: EvalResult | None = None
   prepared: PreparedBlock | None = None
   replicate: int = 0
+  stop_lines: rungs_lib.StopLines | None = None
 
   @property
   def reevaluation(self) -> bool:
@@ -255,8 +276,8 @@ class Study:
   def create(cls, workdir: str | Path, *, strategy: str = 'qlearning_fast', budget: int = 100,
              grammar: nsc.Grammar | None = None, seed: int = 0,
              blocks_per_iteration: int = 4, max_staleness: int = 0,
-             confirm: int | None = None, settings: SearchSettings | None = None,
-             **kwargs) -> 'Study':
+             confirm: int | None = None, early_stop: EarlyStop | None = None,
+             settings: SearchSettings | None = None, **kwargs) -> 'Study':
     """Creates (or reopens) a study in ``workdir`` of ``strategy`` on ``grammar``.
 
     Args:
@@ -273,12 +294,15 @@ class Study:
       confirm: most evaluations of one block under the incumbent/challenger rule
         (``search.confirm``; 1: never re-evaluate); None: the strategy's default
         (``FAST_CONFIRM`` for 'qlearning_fast', 1 for the others).
+      early_stop: rungs at which ``should_stop`` stops the losers (``EarlyStop``: steps as
+        your trainer ``report``s them); None: off.
       settings: instead of the above, a whole ``SearchSettings`` (``strategy``... unused).
       **kwargs: passed to ``Study`` (``allow_config_change``, ``eval_cache``...).
     """
     if settings is None:
       settings = SearchSettings.for_study(strategy, budget, grammar or nsc.Grammar(), seed,
-                                          blocks_per_iteration, max_staleness, confirm)
+                                          blocks_per_iteration, max_staleness, confirm,
+                                          early_stop)
     return cls(settings, workdir, **kwargs)
 
   @property
@@ -301,9 +325,29 @@ class Study:
       return self._queue.pop(0)
     return None
 
+  def report(self, trial: Trial | int, step: int, value: float) -> None:
+    """Stores ``value``, the score of ``trial`` after ``step`` (an epoch, say) of its
+    training, for early stopping (``should_stop``); a second report of a step replaces the
+    first. Reporting needs no early stopping: the values are kept in any case."""
+    trial = self._trial(trial)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+      raise StudyError(f'the step of a report must be an integer >= 1, got {step!r}')
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)):
+      raise StudyError(f'the value of a report must be a number, got {value!r}')
+    self.store.record_report(trial.id, int(step), float(value))
+
+  def should_stop(self, trial: Trial | int) -> bool:
+    """Whether ``trial`` has scored below the line of a rung it reported (``report``): then
+    stop training it and ``tell(trial, stopped=True)``. Always False without
+    ``search.early_stop`` and for re-evaluations."""
+    trial = self._trial(trial)
+    lines = trial.stop_lines
+    return lines is not None and lines.first_stop(self.store.reports(trial.id)) is not None
+
   def tell(self, trial: Trial | int, reward: float | None = None, *,
            failed: str | None = None, result: EvalResult | None = None,
-           **metrics: Any) -> EvalResult:
+           stopped: bool = False, **metrics: Any) -> EvalResult:
     """Records a trial's outcome; when it completes an iteration, the strategy learns.
 
     Args:
@@ -312,6 +356,8 @@ class Study:
       failed: instead of a reward, why the trial failed (the strategy learns
         ``search.failed_reward`` from it).
       result: instead of both, a whole ``EvalResult`` (what an executor returns).
+      stopped: instead of a reward, the trial stopped where ``should_stop`` said: its reward
+        is the score it reported at that rung.
       **metrics: measured fields of the record (``METRICS``: ``val_accuracy``,
         ``train_s``, ...).
 
@@ -320,18 +366,27 @@ class Study:
 
     Raises:
       StudyError: an unknown trial, one told already, a known one, a reward that is not a
-        finite number, both or neither of ``reward`` and ``failed``, or an unknown metric;
-        nothing is recorded then.
+        finite number, both or neither of ``reward`` and ``failed``, ``stopped`` for a trial
+        not below a line, or an unknown metric; nothing is recorded then.
     """
     trial = self._trial(trial)
+    if stopped:
+      if reward is not None or failed is not None or result is not None:
+        raise StudyError('tell stopped=True alone: its reward is the score at its rung')
+      result = self._stopped_result(trial, metrics)
+      metrics = {}
     result = self._result(trial, reward, failed, result, metrics)
+    if result.ok and not result.rungs and trial.stop_lines is not None:
+      result = self._with_rungs(trial, result)
     if trial.reevaluation:
       return self._tell_reevaluation(trial, result)
     del self._out[trial.id]
     del self._training[trial.canonical_key]
     self.finished_here += 1
     shared = False
-    if self.cache is not None:  # another search may have stored it first: take that one
+    # Another search may have stored it first: take that one. A stopped result is not
+    # shared: where it stops depends on this search's lines.
+    if self.cache is not None and not result.stopped:
       result, shared = self.cache.put(trial.canonical_key, trial.seed, result)
     it = self._pending[trial.iteration]
     block_text = it.blocks[trial.position].to_text()
@@ -354,6 +409,7 @@ class Study:
                 trained_failed=s.count("WHERE cached = 0 AND status = 'failed'"),
                 shared=s.count('WHERE cached = 0 AND shared = 1'),
                 reevaluations=len(s.evaluations()), trainings=s.trainings(),
+                stopped=s.count('WHERE cached = 0 AND stopped_at > 0'),
                 kept=self.kept())
 
   def kept(self) -> confirm_lib.Kept | None:
@@ -422,6 +478,7 @@ class Study:
     it = self._pending[index] = _Iteration(index, epsilon, replay_key, trajectories, blocks,
                                            [None] * len(blocks), [False] * len(blocks))
     recorded = self.store.iteration_rows(index)
+    lines = self._stop_lines(index)
     for position, block in enumerate(blocks):
       row = recorded.get(position)
       if row is not None and row.result.reusable:  # recorded before an interruption
@@ -433,7 +490,7 @@ class Study:
       prepared = self._prepared(block)
       key = prepared.key if prepared is not None else canonical.canonical_key(block)
       trial = Trial(index * self._batch + position, index, position, block, key,
-                    self._seed(key), prepared=prepared)
+                    self._seed(key), prepared=prepared, stop_lines=lines)
       earlier = self.store.trained(key)
       if earlier is not None:
         result = dataclasses.replace(earlier.result, block=block.to_text())
@@ -442,10 +499,12 @@ class Study:
       elif key in self._training:  # an equivalent block is out: wait for its result
         self._waiting.setdefault(key, []).append((index, position))
       elif self.cache is not None and (shared := self.cache.get(key, trial.seed)) is not None:
-        result = dataclasses.replace(shared, block=block.to_text())
+        result = self._known_under_lines(dataclasses.replace(shared, block=block.to_text()),
+                                         lines)
         self._record(it, position, result, False, True)
         self._queue.append(dataclasses.replace(trial, known=True, result=result))
       else:
+        self.store.forget_reports(trial.id)  # handed out anew: it trains from the start
         self._training[key] = trial
         self._out[trial.id] = trial
         self._queue.append(trial)
@@ -522,8 +581,8 @@ class Study:
     seen = set()
     for result, was_cached in zip(it.results, it.cached):
       key = result.canonical_key
-      if was_cached or key in seen or not result.ok:
-        continue
+      if was_cached or key in seen or not result.ok or result.stopped:
+        continue  # a stopped block is no challenger: it lost at a rung
       seen.add(key)
       if incumbent is None or incumbent not in evidence:
         incumbent = key
@@ -589,6 +648,58 @@ class Study:
       self._on_recorded(trial.iteration, -1, result)
     self._learn_ready()
     return result
+
+  # -- early stopping ---------------------------------------------------------------------
+
+  def _stop_lines(self, index: int) -> rungs_lib.StopLines | None:
+    """The lines of iteration ``index``'s trials: from the rung scores of the candidates
+    trained in iterations before ``index - S`` (all learned from whenever ``index`` is
+    proposed, so the same however often it is proposed)."""
+    early_stop = self.settings.search.early_stop
+    if not early_stop.active:
+      return None
+    before = index - self._staleness
+    history = [c.rung_scores for c in self.store.candidates()
+               if c.iteration < before and not c.cached and c.ok]
+    return rungs_lib.stop_lines(history, early_stop)
+
+  def _with_rungs(self, trial: Trial, result: EvalResult) -> EvalResult:
+    """``result`` keeping the scores ``trial``'s trainer reported at its rungs."""
+    reports = self.store.reports(trial.id)
+    scores = {r: reports[r] for r in trial.stop_lines.rungs if r in reports}
+    return dataclasses.replace(result, rungs=results_lib.encode_scores(scores))
+
+  def _stopped_result(self, trial: Trial, metrics: dict[str, Any]) -> EvalResult:
+    lines = trial.stop_lines
+    reports = self.store.reports(trial.id)
+    rung = lines.first_stop(reports) if lines is not None else None
+    if rung is None:
+      raise StudyError(f'trial {trial.id} is not below the line of a rung it reported '
+                       '(should_stop is False): tell it a reward')
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+      raise StudyError(f'unknown metrics {", ".join(unknown)} (known: {", ".join(METRICS)})')
+    scores = {r: reports[r] for r in lines.rungs if r in reports and r <= rung}
+    return EvalResult(block=trial.block.to_text(), canonical_key=trial.canonical_key,
+                      status='ok', reward=reports[rung], stopped_at=rung,
+                      rungs=results_lib.encode_scores(scores), **metrics)
+
+  def _known_under_lines(self, result: EvalResult, lines: rungs_lib.StopLines | None
+                         ) -> EvalResult:
+    """A result read from the shared cache (trained to the end, by another search) as this
+    search would have recorded it: stopped at the first rung of ``lines`` its rung scores
+    fall below (its accuracy there is the reward plus the block's fixed penalty)."""
+    if lines is None or not result.ok or result.stopped:
+      return result
+    scores = result.rung_scores
+    rung = lines.first_stop(scores)
+    if rung is None:
+      return result
+    penalty = result.val_accuracy - result.reward
+    kept = {r: v for r, v in scores.items() if r <= rung}
+    return dataclasses.replace(result, stopped_at=rung, reward=scores[rung],
+                               val_accuracy=scores[rung] + penalty,
+                               rungs=results_lib.encode_scores(kept))
 
   def _trial(self, trial: Trial | int) -> Trial:
     tid = trial.id if isinstance(trial, Trial) else trial
