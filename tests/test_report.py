@@ -188,6 +188,22 @@ def test_nan_rewards_count_as_failures():
   assert analysis.top_blocks([row], 3) == []
 
 
+def test_a_candidate_stopped_at_a_rung_is_counted_and_never_ranked(tmp_path):
+  def row(i, key, reward, stopped_at=0, cached=False):
+    return results.Candidate(id=i, iteration=i, position=0, epsilon=1.0,
+                             block='1,1,3,0,0 2,7,0,0,0', canonical_key=key, cached=cached,
+                             status='ok', reward=reward, stopped_at=stopped_at,
+                             created_at=100.0 + i, total_s=1.0)
+  # b's rung reward beats c's final one, but b never trained to the end: a lower fidelity.
+  rows = [row(1, 'a', 0.6), row(2, 'b', 0.55, stopped_at=1), row(3, 'c', 0.5),
+          row(4, 'b', 0.55, stopped_at=1, cached=True)]
+  assert [r.canonical_key for r in analysis.top_blocks(rows, 5)] == ['a', 'c']
+  summary = analysis.summarize(rows)
+  assert summary.stopped == 1  # the reuse of b was not trained
+  assert '| Stopped at a rung | 1 ' in page_lib.render_summary(summary, [], {})
+  assert 'Stopped at a rung' not in page_lib.render_summary(analysis.summarize(rows[:1]), [], {})
+
+
 def test_summarize(workdir):
   rows = page_lib.load_candidates(workdir)
   s = analysis.summarize(rows)

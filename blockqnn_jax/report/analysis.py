@@ -19,13 +19,14 @@ from blockqnn_jax.storage.results import Candidate
 def top_blocks(rows: Iterable[Candidate], k: int) -> list[Candidate]:
   """The ``k`` best distinct blocks by reward, best first.
 
-  Blocks are distinct by canonical key; only ``ok`` rows count. For each key the row with
-  the highest reward represents it (the earliest on ties, i.e. the trained one rather than
-  a cached reuse). Ties between keys go to the block found first.
+  Blocks are distinct by canonical key; only ``ok`` rows trained to the end count (one
+  stopped at a rung, ``search.early_stop``, has that rung's reward). For each key the row
+  with the highest reward represents it (the earliest on ties, i.e. the trained one rather
+  than a cached reuse). Ties between keys go to the block found first.
   """
   best: dict[str, Candidate] = {}
   for row in rows:
-    if not row.ok:
+    if not row.ok or row.stopped:
       continue
     held = best.get(row.canonical_key)
     if held is None or (row.reward, -row.id) > (held.reward, -held.id):
@@ -106,6 +107,7 @@ class Summary:
     cached: candidates whose reward was reused from an earlier identical block.
     cache_hit_rate: cached / candidates.
     failed: candidates that are not ``ok`` (status not 'ok', or no finite reward).
+    stopped: trained candidates stopped at a rung (``search.early_stop``).
     failure_reasons: (reason, count), most frequent first.
     wall_s: from the start of the first candidate to the last record (None if unknown).
     compute_s: summed ``total_s`` of the candidates actually trained.
@@ -120,6 +122,7 @@ class Summary:
   cached: int
   cache_hit_rate: float
   failed: int
+  stopped: int
   failure_reasons: tuple[tuple[str, int], ...]
   wall_s: float | None
   compute_s: float
@@ -168,6 +171,7 @@ def summarize(rows: Sequence[Candidate]) -> Summary:
       cached=cached,
       cache_hit_rate=cached / len(rows) if rows else 0.0,
       failed=len(failed),
+      stopped=sum(r.stopped for r in rows if not r.cached),
       # Most frequent first; equal counts alphabetically, so the page is deterministic.
       failure_reasons=tuple(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
       wall_s=wall,

@@ -184,6 +184,8 @@ def render_summary(summary: analysis.Summary, top: Sequence[dict], images: dict[
             f'| Cache hit rate | {s.cache_hit_rate:.1%} ({s.cached:,} rewards reused from '
             f'identical earlier blocks) |',
             f'| Failures | {s.failed:,} ({s.failed / max(s.candidates, 1):.1%}) |',
+            *([f'| Stopped at a rung | {s.stopped:,} (search.early_stop: their reward is '
+               f'the rung\'s, and none is ranked) |'] if s.stopped else []),
             f'| Wall time | {_duration(s.wall_s)} (training time summed over trained '
             f'candidates: {_duration(s.compute_s)}) |',
             f'| Candidates per hour | {_fmt(s.candidates_per_hour, ",.1f")} |']
