@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks.device_check import plan as plan_lib
 from benchmarks.device_check import runner, tables
+from configs import cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,22 @@ def test_smallest_run_writes_every_key_with_sane_values(tmp_path):
   assert share['with_cache']['mean_compile_s'] < share['without_cache']['mean_compile_s']
   assert share['without_cache']['files_in_cache'] > 0
 
+  # Early stopping: the same block and seed stopped at the rung and trained on, from the
+  # trainer's programs; the rung's score does not depend on what comes after it.
+  early = report['early_stop']
+  assert early['stopped_as_asked'] is True and early['all_warm'] is True
+  rows = early['rows']
+  assert (rows['stopped_at_1']['stopped_at'], rows['to_the_end_scored']['stopped_at'],
+          rows['plain']['stopped_at']) == (1, 0, 0)
+  assert rows['stopped_at_1']['rungs'] == rows['to_the_end_scored']['rungs']
+  assert rows['plain']['rungs'] == {}
+  assert early['epochs_per_candidate'] == 0.5 * 1 + 0.5 * 2
+  for scale in ('subset', 'projected_45k'):
+    v = early[scale]
+    assert _positive(v['candidates_per_hour_plain']) and _positive(v['ratio'])
+    assert v['ratio'] == pytest.approx(v['candidates_per_hour_pruned']
+                                       / v['candidates_per_hour_plain'])
+
   ahead = report['compile_ahead']
   assert ahead['candidates_per_hour_ratio'] == pytest.approx(
       ahead['with_compile_ahead']['candidates_per_hour']
@@ -134,6 +151,10 @@ def test_full_plan_fits_eight_minutes():
   # 20 s of start-up plus every box ends before the deadline, the watchdog after it.
   assert 20 + sum(b for _, b in plan.budgets) <= plan.deadline_s < plan.hard_deadline_s < 480
   assert max(plan.workers) == 4 and len(set(plan.pool)) >= 2 * max(plan.workers)
+  # Early stopping is measured at the gpu preset's rungs.
+  gpu = cifar.get_config('gpu')
+  assert plan.early_stop == (12, tuple(gpu.search.early_stop.rungs),
+                             gpu.search.early_stop.promote)
   shorter = plan_lib.plan_for('full', time_limit_s=240)
   assert shorter.hard_deadline_s == pytest.approx(plan.hard_deadline_s / 2)
 

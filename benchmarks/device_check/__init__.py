@@ -39,6 +39,12 @@ jax version, each section's time and budget, and the exact settings):
   programs come from that cache, as a resumed search's do). ``compile_share`` is compile
   time over candidate time, ``outside_train_share`` is everything that is not training
   steps (compile, validation, set-up) over candidate time.
+* ``early_stop``: candidates/hour with and without the gpu preset's early stopping
+  (``search.early_stop``: rungs at epochs 3 and 6 of 12, half promoted at each). One block
+  on one trainer, cold, then from its programs: plain, stopped at each rung, and to the end
+  scored at every rung; a steady-state search stops ``1 - promote`` of the candidates at
+  each rung (``rungs.outcome_shares``), so a candidate costs its compile plus those shares
+  of the warm times. Measured on the subset and projected to 45k, with the ratio.
 * ``compile_ahead``: the executor with one worker, compile-ahead on against off, in
   candidates/hour and their ratio, with the host's cores recorded.
 * ``memory``: peak device memory (``device.memory_stats()`` where the backend has it, else
@@ -65,8 +71,8 @@ candidate's time outside training steps.
 
 Time budget on one GPU (an H200 with 16 host cores): the sections run in order of what
 matters most, each in its own time box (seconds: loops 80, candidates_per_hour and
-compile_share 80, memory 130, compile_ahead 65, dtypes 45: 400 s), after about 20 s of
-start-up (imports, the backend, the data to the device). Inside a section a unit of work
+compile_share 80, early_stop 40, memory 115, compile_ahead 65, dtypes 45: 425 s), after
+about 20 s of start-up (imports, the backend, the data to the device). Inside a section a unit of work
 (a candidate, an executor run) starts only if it fits in what is left, reckoned from the
 mean time of a cold candidate so far: an executor run of n blocks over w workers counts
 n candidates over min(w, cores / 4), with no credit for compile-ahead; executor runs
@@ -76,11 +82,12 @@ watchdog writes the JSON and exits at 465 s whatever is running, so the whole ru
 under 8 minutes. A skipped unit or section says why; a section that raises records its
 error and the next one runs. Expected use of the boxes: a cold candidate costs 10-25 s on
 a GPU (compilation dominates; 12 epochs of the subset train in a few seconds), so loops
-runs 4 candidates (2 blocks x 2 loops), compile_share 3 cold and 3 warm, memory executor
+runs 4 candidates (2 blocks x 2 loops), compile_share 3 cold and 3 warm, early_stop one
+cold and four warm trainings of one block (about 30 s), memory executor
 runs of 4, 8 and 4 blocks with 1, 4 and 2 workers (two blocks per worker at least: a
 worker takes a second one to compile ahead), compile_ahead one run of 4 without
 compile-ahead (its run with it is memory's 1-worker run), dtypes 2 float32 candidates (the
-bfloat16 ones are loops'): about 360 s at 15 s a candidate. The first compiles also pay
+bfloat16 ones are loops'): about 390 s at 15 s a candidate. The first compiles also pay
 XLA's GPU autotuning, which later sections (like a long search) reuse. ``--time_limit_s``
 scales every box and deadline, for a rerun with less device time left.
 The JSON is rewritten after every section, so even a killed run leaves what it measured.

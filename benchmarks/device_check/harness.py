@@ -112,7 +112,8 @@ class Check:
             features=plan.features, num_blocks=plan.num_blocks,
             scan_blocks=plan.scan_blocks, validation_size=plan.validation_size,
             max_train=plan.max_train, loop_blocks=list(plan.loop_blocks),
-            pool=list(plan.pool), share_count=plan.share_count,
+            pool=list(plan.pool), share_count=plan.share_count, early_stop=dict(
+                zip(('epochs', 'rungs', 'promote'), plan.early_stop)),
             executor_count=plan.executor_count, workers=list(plan.workers),
             budgets_s=dict(plan.budgets), deadline_s=plan.deadline_s,
             hard_deadline_s=plan.hard_deadline_s, cache_everywhere=plan.cache_everywhere,
@@ -132,17 +133,20 @@ class Check:
 
   # -- shared units of work --------------------------------------------------------------
 
-  def settings(self, loop: str, dtype: str) -> SearchSettings:
+  def settings(self, loop: str, dtype: str, epochs: int | None = None) -> SearchSettings:
+    """The candidates' settings (``epochs``: another number of epochs than the plan's)."""
     p = self.plan
     return SearchSettings.from_config(dict(
-        train=dict(epochs=p.epochs, batch_size=p.batch_size, loop=loop, compute_dtype=dtype),
+        train=dict(epochs=epochs or p.epochs, batch_size=p.batch_size, loop=loop,
+                   compute_dtype=dtype),
         network=dict(num_blocks=p.num_blocks, features=p.features,
                      num_classes=self.splits.num_classes,
                      image_size=self.splits.image_shape[0], scan_blocks=p.scan_blocks)))
 
-  def trainer(self, loop: str, dtype: str) -> candidate_lib.CandidateTrainer:
+  def trainer(self, loop: str, dtype: str,
+              epochs: int | None = None) -> candidate_lib.CandidateTrainer:
     """A trainer with a compile cache of its own (nothing compiled yet)."""
-    s = self.settings(loop, dtype)
+    s = self.settings(loop, dtype, epochs)
     return candidate_lib.CandidateTrainer(self.group, s.train, s.reward, s.network,
                                           grammar=self.grammar)
 

@@ -22,12 +22,13 @@ TARGET_OUTSIDE_TRAIN_SHARE = 0.25
 SECTION_KEYS = {  # section -> the report keys it fills
     'loops': ('loops',),
     'compile_share': ('candidates_per_hour', 'compile_share'),
+    'early_stop': ('early_stop',),
     'memory': ('memory',),
     'compile_ahead': ('compile_ahead',),
     'dtypes': ('dtypes',),
 }
-REPORT_KEYS = ('loops', 'dtypes', 'candidates_per_hour', 'compile_share', 'compile_ahead',
-               'memory')
+REPORT_KEYS = ('loops', 'dtypes', 'candidates_per_hour', 'compile_share', 'early_stop',
+               'compile_ahead', 'memory')
 
 
 def _residual(a: int, b: int) -> str:
@@ -63,6 +64,9 @@ class Plan:
     cache_everywhere: JAX's persistent compilation cache on for the whole run, so repeated
       programs load instead of compiling (the test's smallest form: it checks the code,
       not the figures).
+    early_stop: the early_stop section's ``(epochs, rungs, promote)``: the gpu preset's
+      (``search.early_stop``) in the full run; at the toy sizes, of as many epochs as rungs
+      need (rungs come before the last epoch).
   """
 
   size: str
@@ -80,6 +84,7 @@ class Plan:
   budgets: tuple[tuple[str, float], ...]
   deadline_s: float | None
   hard_deadline_s: float | None
+  early_stop: tuple[int, tuple[int, ...], float] = (4, (1, 2), 0.5)
   scan_blocks: bool = False
   cache_everywhere: bool = False
 
@@ -93,16 +98,18 @@ def plan_for(size: str, time_limit_s: float | None = None) -> Plan:
                 features=gpu.network.features, num_blocks=gpu.network.num_blocks,
                 validation_size=0.1, max_train=None, loop_blocks=(blocks[0], blocks[2]),
                 pool=POOL, share_count=3, executor_count=4, workers=(1, 2, 4),
-                budgets=(('loops', 80), ('compile_share', 80), ('memory', 130),
-                         ('compile_ahead', 65), ('dtypes', 45)),
-                deadline_s=445, hard_deadline_s=465)
+                budgets=(('loops', 80), ('compile_share', 80), ('early_stop', 40),
+                         ('memory', 115), ('compile_ahead', 65), ('dtypes', 45)),
+                deadline_s=445, hard_deadline_s=465,
+                early_stop=(gpu.train.epochs, tuple(gpu.search.early_stop.rungs),
+                            gpu.search.early_stop.promote))
     default_limit = 480
   elif size == 'tiny':
     plan = Plan(size, epochs=1, batch_size=32, features=8, num_blocks=1,
                 validation_size=0.1, max_train=400, loop_blocks=(blocks[0], blocks[1]),
                 pool=POOL[:2], share_count=2, executor_count=2, workers=(1, 2),
-                budgets=(('loops', 70), ('compile_share', 50), ('memory', 80),
-                         ('compile_ahead', 45), ('dtypes', 35)),
+                budgets=(('loops', 70), ('compile_share', 50), ('early_stop', 25),
+                         ('memory', 65), ('compile_ahead', 45), ('dtypes', 25)),
                 deadline_s=255, hard_deadline_s=280)
     default_limit = 300
   elif size == 'smallest':
@@ -110,7 +117,8 @@ def plan_for(size: str, time_limit_s: float | None = None) -> Plan:
                 validation_size=0.1, max_train=160, loop_blocks=(blocks[0],),
                 pool=(blocks[0],), share_count=1, executor_count=2, workers=(1, 2),
                 budgets=tuple((name, 600) for name in SECTION_KEYS),
-                deadline_s=None, hard_deadline_s=None, cache_everywhere=True)
+                deadline_s=None, hard_deadline_s=None, cache_everywhere=True,
+                early_stop=(2, (1,), 0.5))
     default_limit = None
   else:
     raise ValueError(f"size must be 'full', 'tiny' or 'smallest', got {size!r}")

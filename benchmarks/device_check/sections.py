@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ from benchmarks.device_check.plan import (
   spent,
 )
 from blockqnn_jax.nsc import grammar as nsc
+from blockqnn_jax.strategies import rungs as rungs_lib
 from blockqnn_jax.training import compile_cache
 
 # -- the sections --------------------------------------------------------------------------
@@ -195,6 +197,68 @@ def section_compile_share(check: Check, box: TimeBox) -> dict[str, Any]:
   return {'candidates_per_hour': per_hour, 'compile_share': share}
 
 
+def section_early_stop(check: Check, box: TimeBox) -> dict[str, Any]:
+  """Candidates per hour with and without the gpu preset's early stopping.
+
+  One block on one trainer: cold and plain (its programs compiled), then from the trainer's
+  cache: plain again, stopped at each rung (a line no score reaches), and trained to the
+  end scored at every rung. A search in its steady state stops a ``1 - promote`` share of
+  the candidates reaching each rung (``rungs.outcome_shares``), so a candidate costs the
+  compile plus those shares of the warm times; without stopping, the compile plus the warm
+  plain time. Measured on the subset and projected to 45k (``Check.record``).
+  """
+  epochs, rungs, promote = check.plan.early_stop
+  block = check.plan.loop_blocks[0]
+  parsed = nsc.parse(block, check.grammar)
+  trainer = check.trainer(check.loop, 'auto', epochs=epochs)
+  inf = math.inf
+  runs = {'plain': None}
+  for k, rung in enumerate(rungs):  # scored at the rungs before, stopped at this one
+    runs[f'stopped_at_{rung}'] = rungs_lib.StopLines(
+        rungs, (-inf,) * k + (inf,) + (-inf,) * (len(rungs) - k - 1))
+  runs['to_the_end_scored'] = rungs_lib.StopLines(rungs, (-inf,) * len(rungs))
+  if not box.allows(check.estimate()):
+    raise Skipped(spent(box, check.estimate()))
+  cold = check.record(trainer.evaluate(parsed, seed=0), serial_cold=epochs == check.plan.epochs)
+  if not cold['ok']:
+    return {'early_stop': dict(status='error', error=cold['failure_reason'], block=block)}
+  rows, skipped = {}, []
+  warm_estimate = cold['total_s'] - cold['compile_s']
+  for name, lines in runs.items():
+    if not box.allows(warm_estimate):
+      skipped.append(dict(run=name, reason=spent(box, warm_estimate)))
+      continue
+    result = trainer.evaluate(parsed, seed=0, lines=lines)
+    rows[name] = dict(check.record(result, serial_cold=False), stopped_at=result.stopped_at,
+                      rungs=result.rung_scores)
+  expected_stop = {f'stopped_at_{r}': r for r in rungs}
+  result = dict(status='ok' if not skipped else 'partial', block=block, epochs=epochs,
+                rungs=list(rungs), promote=promote, loop=check.loop, cold=cold, rows=rows,
+                skipped=skipped,
+                stopped_as_asked=all(rows[n]['stopped_at'] == expected_stop.get(n, 0)
+                                     for n in rows),
+                all_warm=all(r['compile_cached'] for r in rows.values()))
+  if skipped or not all(r['ok'] for r in rows.values()):
+    return {'early_stop': dict(result, status='partial')}
+  shares = rungs_lib.outcome_shares(len(rungs), promote)
+  ends = [f'stopped_at_{r}' for r in rungs] + ['to_the_end_scored']
+  compile_s = cold['compile_s']
+  for scale, field in (('subset', 'total_s'), ('projected_45k', 'projected_45k_s')):
+    plain = compile_s + rows['plain'][field]
+    pruned = compile_s + sum(share * rows[n][field] for share, n in zip(shares, ends))
+    result[scale] = dict(candidate_s_plain=plain, candidate_s_pruned=pruned,
+                         candidates_per_hour_plain=3600 / plain,
+                         candidates_per_hour_pruned=3600 / pruned,
+                         ratio=plain / pruned)
+  result.update(
+      shares=dict(zip(ends, shares)),
+      epochs_per_candidate=sum(share * e for share, e in zip(shares, [*rungs, epochs])),
+      rung_scoring_overhead_s=rows['to_the_end_scored']['total_s'] - rows['plain']['total_s'],
+      note='steady state: each rung promotes its share; the compile is paid by every '
+           'candidate, stopped or not')
+  return {'early_stop': result}
+
+
 def section_compile_ahead(check: Check, box: TimeBox) -> dict[str, Any]:
   """The executor with one worker: compile-ahead on against off, on the same blocks."""
   ahead = check.existing_run(1, True)  # memory's baseline run, when it ran
@@ -279,7 +343,7 @@ def section_memory(check: Check, box: TimeBox) -> dict[str, Any]:
 
 SECTIONS: tuple[tuple[str, Callable[[Check, TimeBox], dict[str, Any]]], ...] = (
     ('loops', section_loops), ('compile_share', section_compile_share),
-    ('memory', section_memory), ('compile_ahead', section_compile_ahead),
+    ('early_stop', section_early_stop), ('memory', section_memory), ('compile_ahead', section_compile_ahead),
     ('dtypes', section_dtypes))
 
 

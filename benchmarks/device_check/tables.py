@@ -100,6 +100,19 @@ def _table_ahead(ahead: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _table_early_stop(early: dict[str, Any]) -> list[str]:
+  lines = [f'  block {early["block"]}: {early["epochs"]} epochs, rungs {early["rungs"]}, '
+           f'promote {early["promote"]} ({_f(early.get("epochs_per_candidate"), ".2f")} '
+           f'epochs a candidate); stopped as asked: {early["stopped_as_asked"]}']
+  for scale in ('subset', 'projected_45k'):
+    if scale in early:
+      v = early[scale]
+      lines.append(f'  {scale}: {_f(v["candidates_per_hour_plain"], ".0f")} candidates/h '
+                   f'without, {_f(v["candidates_per_hour_pruned"], ".0f")} with early '
+                   f'stopping ({_f(v["ratio"], ".2f")}x)')
+  return lines
+
+
 def _table_memory(memory: dict[str, Any]) -> list[str]:
   lines = [f'  peak device memory, one candidate at a time: '
            f'{_mib(memory["peak_bytes_single_candidate"])} ('
@@ -125,6 +138,7 @@ def format_table(report: dict[str, Any]) -> str:
            ('dtypes', 'dtypes', lambda: _table_dtypes(report['dtypes'])),
            ('candidates_per_hour / compile_share', 'compile_share',
             lambda: _table_share(report)),
+           ('early_stop', 'early_stop', lambda: _table_early_stop(report['early_stop'])),
            ('compile_ahead', 'compile_ahead', lambda: _table_ahead(report['compile_ahead'])),
            ('memory', 'memory', lambda: _table_memory(report['memory'])))
   for title, key, body in parts:
