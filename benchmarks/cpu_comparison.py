@@ -38,7 +38,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import app, flags
 import numpy as np
@@ -136,9 +136,10 @@ def run_searches(runs: list[tuple[str, str]]) -> None:
           print(f'  see {log.name}', flush=True)
 
 
-def compact(workdirs) -> None:
+def compact(workdirs, caches: Sequence[str] = ()) -> None:
   """Shrinks the stores to what they hold (``ResultsStore.compact``), each under its
-  workdir's lock, so they stay small enough for the repository; one a search holds is left."""
+  workdir's lock, so they stay small enough for the repository (one a search holds is
+  left), and folds each evaluation cache's log into its file."""
   from blockqnn_jax.storage import store as store_lib  # pylint: disable=import-outside-toplevel
   from blockqnn_jax.storage import workdir_lock  # pylint: disable=import-outside-toplevel
   for w in workdirs:
@@ -149,9 +150,10 @@ def compact(workdirs) -> None:
       continue
     if saved > 1 << 20:
       print(f'{w.name}: store compacted by {saved / 2**20:.1f} MiB', flush=True)
-  if Path(_CACHE.value).is_file():  # the shared cache's log folded into its file
-    with sqlite3.connect(_CACHE.value) as db:
-      db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+  for cache in caches:
+    if Path(cache).is_file():
+      with sqlite3.connect(cache) as db:
+        db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
 
 
 def retrain_best(curves) -> list[str]:
@@ -259,7 +261,7 @@ def main(argv):
   if not _REPORT_ONLY.value:
     run_searches(runs)
   done = [workdir(s, seed) for s, seed in runs if (workdir(s, seed) / 'search.sqlite').is_file()]
-  compact(done)
+  compact(done, [_CACHE.value])
   # Another set of strategies than the committed comparison's gets a folder of its own, so
   # that a run of a few searches never overwrites the comparison of all five.
   out = root if set(_STRATEGIES.value) == set(STRATEGIES) else root / (
