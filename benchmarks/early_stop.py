@@ -51,8 +51,9 @@ _SEEDS = flags.DEFINE_list('es_seeds', ['0', '1', '2'], 'Seeds (each a pair of s
 _VARIANTS = flags.DEFINE_list('es_variants', list(VARIANTS), 'Variants to run.')
 _ROOT = flags.DEFINE_string('es_root', 'results/early_stop', 'Where the searches live.')
 _REPORT_ONLY = flags.DEFINE_bool('es_report_only', False, 'Only the tables.')
-_RETRAIN = flags.DEFINE_bool('es_retrain', False, "Retrain each search's kept block at the "
-                             'high fidelity (3 seeds).')
+_RETRAIN = flags.DEFINE_bool('es_retrain', False, "Each search's kept block at the high "
+                             'fidelity (3 seeds), from the fidelity cache or trained; without '
+                             'it the tables leave that column empty.')
 _FIDELITY_CACHE = flags.DEFINE_string('es_fidelity_cache', 'results/fidelity/cache.sqlite',
                                       "The high fidelity's cache (benchmarks.fidelity's).")
 
@@ -126,21 +127,26 @@ def _epochs(c) -> int:
   return c.stopped_at or EPOCHS
 
 
+def _validations_run(c) -> int:
+  """Validations a candidate ran: one at each rung it reached, then one at the end unless
+  stopped."""
+  return len(c.rung_scores) + (0 if c.stopped else 1)
+
+
 def _validations(c, variant: str) -> int:
-  """Validations a candidate of ``variant`` needs: one at each rung it reached, then one at
-  the end unless stopped; the unpruned search's rungs are measurement only (it needs one)."""
-  return 1 if variant == 'full' else len(c.rung_scores) + (0 if c.stopped else 1)
+  """Validations a candidate of ``variant`` needs: those it ran, but one in the unpruned
+  search, whose rungs are measurement only."""
+  return 1 if variant == 'full' else _validations_run(c)
 
 
 def prices(rows: dict[tuple[str, str], list]) -> dict[str, float]:
   """Seconds of one epoch of training, of one validation, and of the rest of a candidate
   (set-up, what compile-ahead did not hide), pooled over every search's trainings."""
-  every = [(v, c) for (v, _), rs in rows.items() for c in rs]
+  every = [c for rs in rows.values() for c in rs]
   return dict(
-      epoch_s=sum(c.train_s for _, c in every) / sum(_epochs(c) for _, c in every),
-      validation_s=sum(c.eval_s for _, c in every) / sum(
-          len(c.rung_scores) + (0 if c.stopped else 1) for _, c in every),
-      other_s=float(np.mean([c.total_s - c.train_s - c.eval_s for _, c in every])))
+      epoch_s=sum(c.train_s for c in every) / sum(_epochs(c) for c in every),
+      validation_s=sum(c.eval_s for c in every) / sum(_validations_run(c) for c in every),
+      other_s=float(np.mean([c.total_s - c.train_s - c.eval_s for c in every])))
 
 
 def throughput(rows: list, variant: str, price: dict[str, float]) -> dict[str, float]:
