@@ -1,13 +1,16 @@
 r"""Early stopping at rungs measured on the real space: the cpu preset at 4 epochs, with and
 without stopping, each search resumable in ``results/early_stop/<variant>_seed<k>/``.
 
-Two variants of ``configs/cifar.py:cpu`` at ``train.epochs=4`` (the fast agent, no confirm
+Variants of ``configs/cifar.py:cpu`` at ``train.epochs=4`` (the fast agent, no confirm
 rule, the first ~10% of the budget random):
 
 * ``full``: every candidate trains 4 epochs, and is scored (not stopped) at epochs 1, 2 and
   3 (``search.early_stop.promote=1``): the rungs' Kendall tau against the final reward.
 * ``stop``: rungs at epochs 1 and 2, the best third of the earlier iterations' candidates
   go on at each (successive halving with eta = 3), on twice the budget.
+* ``window``: as ``stop``, but the best quarter goes on, of the last 8 candidates to reach
+  the rung (``search.early_stop.window``): lines that follow the agent's proposals as they
+  get better.
 
 Each variant has an evaluation cache of its own, so every candidate is trained by the search
 that records it and the candidates per hour are the search's own. Then it writes
@@ -43,6 +46,10 @@ VARIANTS = {
     'stop': ('search.confirm=1', f'train.epochs={EPOCHS}', 'search.budget=96',
              'search.epsilon_schedule=((1.0,2),(0.0,58))',
              'search.early_stop.rungs=(1,2)', 'search.early_stop.promote=0.3333'),
+    'window': ('search.confirm=1', f'train.epochs={EPOCHS}', 'search.budget=96',
+               'search.epsilon_schedule=((1.0,2),(0.0,58))',
+               'search.early_stop.rungs=(1,2)', 'search.early_stop.promote=0.25',
+               'search.early_stop.window=8'),
 }
 
 _DATA = flags.DEFINE_string('es_data', 'data/cifar10-exact-subset.npz',
@@ -202,6 +209,30 @@ def _se(values) -> float:
   return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
+def compare(variant: str, speed: dict, kept_blocks: dict, accs: dict) -> dict[str, Any]:
+  """``variant`` against ``full``, over the seeds both ran: candidates per hour (as timed, at
+  pooled prices) and the kept block's high-fidelity accuracy, seed by seed."""
+  seeds = [s for s in _SEEDS.value if (variant, s) in speed and ('full', s) in speed]
+  def ratios(field):
+    return [speed[(variant, s)][field] / speed[('full', s)][field] for s in seeds]
+  def accuracy(v, s):
+    k = kept_blocks.get((v, s))
+    return np.mean(accs[k.block]) if k is not None and k.block in accs else None
+
+  ratio, priced = ratios('candidates_per_hour'), ratios('priced_candidates_per_hour')
+  pairs = [(accuracy(variant, s), accuracy('full', s)) for s in seeds]
+  diff = [a - b for a, b in pairs if a is not None and b is not None]
+  full_acc = [b for _, b in pairs if b is not None]
+  return dict(
+      seeds=seeds, candidates_per_hour_ratio=ratio,
+      candidates_per_hour_ratio_mean=float(np.mean(ratio)) if ratio else math.nan,
+      priced_ratio=priced, priced_ratio_mean=float(np.mean(priced)) if priced else math.nan,
+      high_fidelity_difference=[float(d) for d in diff],
+      high_fidelity_difference_mean=float(np.mean(diff)) if diff else math.nan,
+      high_fidelity_difference_se=_se(diff),
+      full_high_fidelity_se=_se(full_acc))
+
+
 def report(retrain: bool) -> dict[str, Any]:
   """Writes ``early_stop.md`` and ``early_stop.json`` under the root from the searches
   there; returns what the json holds."""
@@ -217,24 +248,7 @@ def report(retrain: bool) -> dict[str, Any]:
   speed = {(v, s): throughput(r, v, price) for (v, s), r in rows.items() if r}
   kept_blocks = {run: k for run, k in kept(workdirs).items() if k is not None}
   accs = high_fidelity(sorted({k.block for k in kept_blocks.values()})) if retrain else {}
-  seeds = [s for s in _SEEDS.value if all((v, s) in speed for v in VARIANTS)]
-  def ratios(field):
-    return [speed[('stop', s)][field] / speed[('full', s)][field] for s in seeds]
-
-  ratio, priced = ratios('candidates_per_hour'), ratios('priced_candidates_per_hour')
-  diff = [np.mean(accs[kept_blocks[('stop', s)].block]) -
-          np.mean(accs[kept_blocks[('full', s)].block]) for s in seeds
-          if all((v, s) in kept_blocks and kept_blocks[(v, s)].block in accs for v in VARIANTS)]
-  full_acc = [np.mean(accs[kept_blocks[('full', s)].block]) for s in seeds
-              if ('full', s) in kept_blocks and kept_blocks[('full', s)].block in accs]
-  summary = dict(
-      seeds=seeds, candidates_per_hour_ratio=ratio,
-      candidates_per_hour_ratio_mean=float(np.mean(ratio)) if ratio else math.nan,
-      priced_ratio=priced, priced_ratio_mean=float(np.mean(priced)) if priced else math.nan,
-      high_fidelity_difference=[float(d) for d in diff],
-      high_fidelity_difference_mean=float(np.mean(diff)) if diff else math.nan,
-      high_fidelity_difference_se=_se(diff),
-      full_high_fidelity_se=_se(full_acc))
+  summary = {v: compare(v, speed, kept_blocks, accs) for v in VARIANTS if v != 'full'}
   data = dict(
       epochs=EPOCHS, variants={v: list(o) for v, o in VARIANTS.items()}, kendall_tau=taus,
       prices=price,
@@ -244,7 +258,7 @@ def report(retrain: bool) -> dict[str, Any]:
           kept_reward=kept_blocks[(v, s)].reward if (v, s) in kept_blocks else None,
           kept_high_fidelity=accs.get(kept_blocks[(v, s)].block) if (v, s) in kept_blocks
           else None) for (v, s) in workdirs},
-      summary=summary)
+      summary={v: m for v, m in summary.items() if m['seeds']})
   (root / 'early_stop.json').write_text(json.dumps(data, indent=1) + '\n')
   (root / 'early_stop.md').write_text('\n'.join(markdown(data)) + '\n')
   print((root / 'early_stop.md').read_text())
@@ -280,25 +294,24 @@ def markdown(data: dict[str, Any]) -> list[str]:
                  f'{s["compile_s_per_candidate"]:.1f} | {s["candidates_per_hour"]:.0f} | '
                  f'{s["priced_candidates_per_hour"]:.0f} | '
                  f'`{s["kept"]}` | {s["kept_reward"]:.4f} | {acc_text} |')
-  m = data['summary']
-  if m['candidates_per_hour_ratio']:
+  p = data['prices']
+  for variant, m in data['summary'].items():
     per = ', '.join(f'{r:.2f}×' for r in m['candidates_per_hour_ratio'])
     at = ', '.join(f'{r:.2f}×' for r in m['priced_ratio'])
-    p = data['prices']
-    lines += ['', f'Candidates per hour, `stop` over `full`, seed by seed: {per} '
+    lines += ['', f'Candidates per hour, `{variant}` over `full`, seed by seed: {per} '
               f'(mean {m["candidates_per_hour_ratio_mean"]:.2f}×) as measured; {at} (mean '
-              f'{m["priced_ratio_mean"]:.2f}×) at the prices pooled over all six searches '
-              f'({p["epoch_s"]:.2f} s an epoch, {p["validation_s"]:.2f} s a validation, '
-              f'{p["other_s"]:.2f} s the rest of a candidate: compile-ahead hid the compile '
-              f'behind the previous training), which count only the epochs and validations '
-              f'each candidate needed, not the load on the machine or the sizes of the '
-              f'blocks each search happened to train.']
-  if m['high_fidelity_difference']:
-    per = ', '.join(f'{d:+.4f}' for d in m['high_fidelity_difference'])
-    lines += ['', f'The kept block\'s high-fidelity accuracy, `stop` minus `full`, seed by '
-              f'seed: {per}; mean {m["high_fidelity_difference_mean"]:+.4f} ± '
-              f'{m["high_fidelity_difference_se"]:.4f} (the `full` kept blocks\' standard '
-              f'error over seeds: {m["full_high_fidelity_se"]:.4f}).']
+              f'{m["priced_ratio_mean"]:.2f}×) at the prices pooled over all '
+              f'{len(data["searches"])} searches ({p["epoch_s"]:.2f} s an epoch, '
+              f'{p["validation_s"]:.2f} s a validation, {p["other_s"]:.2f} s the rest of a '
+              f'candidate: compile-ahead hid the compile behind the previous training), which '
+              f'count only the epochs and validations each candidate needed, not the load on '
+              f'the machine or the sizes of the blocks each search happened to train.']
+    if m['high_fidelity_difference']:
+      per = ', '.join(f'{d:+.4f}' for d in m['high_fidelity_difference'])
+      lines += ['', f'The kept block\'s high-fidelity accuracy, `{variant}` minus `full`, seed '
+                f'by seed: {per}; mean {m["high_fidelity_difference_mean"]:+.4f} ± '
+                f'{m["high_fidelity_difference_se"]:.4f} (the `full` kept blocks\' standard '
+                f'error over seeds: {m["full_high_fidelity_se"]:.4f}).']
   return lines
 
 

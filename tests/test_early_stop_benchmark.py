@@ -60,7 +60,7 @@ def test_the_report_reads_tau_rates_and_kept_blocks_from_the_stores(tmp_path):
   # 3 x (1 + 0.1 + 0.5).
   assert runs['full_seed0']['candidates_per_hour'] == pytest.approx(3600 * 6 / 29.4)
   assert runs['stop_seed0']['candidates_per_hour'] == pytest.approx(3600 * 6 / 19.5)
-  assert data['summary']['candidates_per_hour_ratio'] == [pytest.approx(29.4 / 19.5)]
+  assert data['summary']['stop']['candidates_per_hour_ratio'] == [pytest.approx(29.4 / 19.5)]
   # At pooled prices (1 s an epoch, 0.1 s a validation, 0.5 s the rest): full 4 epochs and
   # one validation (its rungs are measurement only), stop (4.9 + 1.6) / 2.
   p = data['prices']
@@ -69,5 +69,6 @@ def test_the_report_reads_tau_rates_and_kept_blocks_from_the_stores(tmp_path):
   assert runs['stop_seed0']['priced_candidates_per_hour'] == pytest.approx(3600 / 3.25)
   # The kept block is the best trained to the end: stop's best three were stopped.
   assert runs['full_seed0']['kept'] == BLOCKS[5] and runs['stop_seed0']['kept'] == BLOCKS[2]
+  assert list(data['summary']) == ['stop']  # no 'window' searches here
   text = (tmp_path / 'early_stop.md').read_text()
   assert '| stop_seed0 | 6 | 3 | 2.50 | 20 |' in text and '1.51×' in text

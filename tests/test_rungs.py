@@ -47,6 +47,19 @@ def test_each_rung_takes_its_line_from_the_histories_that_reached_it():
   assert got.lines == (0.4, -INF)  # rung 2 has 3 scores only
 
 
+def test_a_window_takes_each_line_from_the_last_candidates_to_reach_the_rung():
+  # Proposed in this order (getting better); rung 2 reached by the 1st, 3rd and 4th only.
+  history = [{1: 0.1, 2: 0.15}, {1: 0.2}, {1: 0.6, 2: 0.65}, {1: 0.7, 2: 0.75}, {1: 0.5}]
+  every = rungs.stop_lines(history, EarlyStop(rungs=(1, 2), promote=0.5, min_history=2))
+  assert every.lines == (0.5, 0.65)  # best 3 of 5 at rung 1; best 2 of 3 at rung 2
+  last = rungs.stop_lines(history, EarlyStop(rungs=(1, 2), promote=0.5, min_history=2,
+                                             window=2))
+  # Rung 1: the last two to reach it (0.7, 0.5), the best one; rung 2: (0.65, 0.75).
+  assert last.lines == (0.7, 0.75)
+  with pytest.raises(ValueError, match='window'):
+    EarlyStop(rungs=(1,), min_history=8, window=4)  # a window that could never stop
+
+
 def test_steady_state_shares_halve_at_each_rung_and_sum_to_one():
   assert rungs.outcome_shares(2, 0.5) == (0.5, 0.25, 0.25)
   assert rungs.outcome_shares(0, 0.5) == (1.0,)

@@ -198,11 +198,15 @@ class EarlyStop:
       (and records them) without stopping anything.
     min_history: a rung stops nothing until this many candidates of earlier iterations
       reached it.
+    window: the line of a rung is taken from the last ``window`` candidates (in the order
+      they were proposed) that reached it, so it follows a strategy whose proposals get
+      better; 0 (default): from every earlier candidate.
   """
 
   rungs: tuple[int, ...] = ()
   promote: float = 0.5
   min_history: int = 8
+  window: int = 0
 
   def __post_init__(self):
     rungs = tuple(int(r) for r in self.rungs)
@@ -213,6 +217,8 @@ class EarlyStop:
           self.promote)
     check(self.min_history >= 1, 'search.early_stop.min_history', 'must be >= 1',
           self.min_history)
+    check(self.window == 0 or self.window >= self.min_history, 'search.early_stop.window',
+          'must be 0 (every earlier candidate) or >= min_history', self.window)
 
   @property
   def active(self) -> bool:

@@ -5,8 +5,9 @@ A candidate is scored at each rung (an epoch of its training, a step of a study'
 it goes on while its score is at least the rung's *line*, and stops at the first rung where
 it is below. The line of rung ``r`` for a candidate of iteration ``j`` is the score the best
 ``promote`` fraction of the candidates of iterations before ``j - S`` reached at ``r``
-(``S`` = ``search.max_staleness``): successive halving, with each rung's population the
-candidates that reached it earlier. Those iterations are complete whenever ``j`` is
+(``S`` = ``search.max_staleness``; with a ``window``, only the last ``window`` of them to
+reach ``r`` in the order they were proposed): successive halving, with each rung's
+population the candidates that reached it earlier. Those iterations are complete whenever ``j`` is
 proposed, so the lines are fixed when a trial is handed out, whatever the order in which
 anything finishes, and a resumed search hands out the same lines. A rung with fewer than
 ``min_history`` earlier scores stops nothing.
@@ -66,11 +67,14 @@ def line(scores: Sequence[float], promote: float, min_history: int) -> float:
 
 
 def stop_lines(history: Iterable[Mapping[int, float]], early_stop: EarlyStop) -> StopLines:
-  """The lines for a trial from the rung scores of the candidates before it (each a
-  mapping step -> score, holding the rungs it reached)."""
+  """The lines for a trial from the rung scores of the candidates before it, in the order
+  they were proposed (each a mapping step -> score, holding the rungs it reached)."""
   history = list(history)
+  def population(rung: int) -> list[float]:
+    scores = [h[rung] for h in history if rung in h]
+    return scores[-early_stop.window:] if early_stop.window else scores
   return StopLines(early_stop.rungs, tuple(
-      line([h[r] for h in history if r in h], early_stop.promote, early_stop.min_history)
+      line(population(r), early_stop.promote, early_stop.min_history)
       for r in early_stop.rungs))
 
 
