@@ -1,4 +1,5 @@
-"""Suite-wide set-up: eight fake CPU devices, and the shared real data when it exists."""
+"""Suite-wide set-up: XLA's CPU backend at -O1, eight fake CPU devices, the shared real data
+when it exists, and a note of the quick subset's tests that have grown slow."""
 
 import os
 from pathlib import Path
@@ -6,8 +7,17 @@ from pathlib import Path
 import chex
 import pytest
 
-# Must run before any test touches a JAX backend.
+# Must run before any test touches a JAX backend; subprocesses inherit both flags.
+# LLVM at -O1 instead of -O2 compiles the suite's many small programs faster at the same
+# results (the pinned search digests hold at either level); a level the caller set wins.
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = ' '.join(
+      [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=1']).strip()
 chex.set_n_cpu_devices(8)
+
+# A test not marked slow should take at most this long (call and set-up) on a 2-core CPU,
+# so that `-m "not slow"` stays a loop of about two minutes.
+QUICK_LIMIT_S = 2.0
 
 
 @pytest.fixture
@@ -21,3 +31,22 @@ def shared_data() -> Path:
   if not (path / 'README.md').exists():
     pytest.skip(f'shared data not found at {path}')
   return path
+
+
+_quick_but_slow: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+  if report.when in ('setup', 'call') and 'slow' not in report.keywords:
+    _quick_but_slow[report.nodeid] = _quick_but_slow.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Names the unmarked tests that took longer than ``QUICK_LIMIT_S`` (a hint: the
+  machine may only have been busy)."""
+  over = sorted(((s, n) for n, s in _quick_but_slow.items() if s > QUICK_LIMIT_S),
+                reverse=True)
+  if over:
+    terminalreporter.write_sep('-', f'not marked slow, over {QUICK_LIMIT_S:.0f} s')
+    for seconds, nodeid in over:
+      terminalreporter.write_line(f'{seconds:6.1f} s  {nodeid}')

@@ -292,6 +292,7 @@ def test_image_folder_grayscale(tmp_path):
   assert splits.mean.shape == (1,)
 
 
+@pytest.mark.slow
 def test_image_folder_shared_cifar10_tar():
   path = _shared_file('cifar10-jpeg-full.tar')
   start = time.perf_counter()

@@ -100,6 +100,7 @@ _WRITER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_cache_lose_nothing_and_agree(tmp_path):
   path = tmp_path / 'shared.sqlite'
   eval_cache.EvalCache(path, 'fid').close()  # made before, as a search would find it
@@ -125,6 +126,7 @@ def _shared_search(config, workdir, cache_path, executor, data):
                                  eval_cache=cache)
 
 
+@pytest.mark.slow
 def test_searches_sharing_a_cache_train_no_block_twice(tmp_path):
   data = _splits()
   first, second = ScoringExecutor(), ScoringExecutor()

@@ -137,6 +137,7 @@ def _check(fmt, folders):
   return {Path(k).name: v for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt, tolerance', [('flax', 1e-5), ('pytorch', 1e-4)])
 def test_the_file_is_the_library_network(fmt, tolerance, exported):
   if fmt == 'pytorch':
@@ -150,6 +151,7 @@ def test_the_file_is_the_library_network(fmt, tolerance, exported):
     assert results[case]['max_diff'] <= tolerance, case
 
 
+@pytest.mark.slow
 def test_the_files_say_what_they_hold(exported):
   root, _ = exported
   text = (root / 'pytorch' / 'every_type_cifar' / 'network.py').read_text()

@@ -281,6 +281,7 @@ def test_devices_per_candidate_must_divide_the_devices_and_the_batch():
   preflight.check_devices(_settings(executor=dict(devices_per_candidate=4)), devices)
 
 
+@pytest.mark.slow
 def test_a_config_that_cannot_train_stops_at_the_reference_block(digits):
   """A learning rate that makes every candidate diverge is found in two steps, here on a
   group of two devices (the batch sharded), with the search's training settings."""

@@ -32,6 +32,7 @@ def test_draw_sizes_are_few():
   assert len({initializers.draw_size(n) for n in range(1, 20000)}) == 8
 
 
+@pytest.mark.slow
 def test_network_variables_op_by_op_equal_a_jitted_init():
   block = nsc.parse('1,1,1,0,0 2,1,3,0,0 3,2,3,0,0 4,6,0,1,2 5,5,0,3,4 6,7,0,0,0')
   model = networks.BlockNet(architecture.cifar_spec(block, num_blocks=2, features=4,

@@ -164,6 +164,7 @@ def test_evaluator_counts_distinct(table):
 
 # -- strategies on the table (baselines) ----------------------------------------------------
 
+@pytest.mark.slow
 def test_random_search_budget_and_improvement(table):
   result = bl.search_batch(random_search.RandomSearch(), table.by_code('cifar10'), [10, 200],
                            range(20))
@@ -177,6 +178,7 @@ def test_random_search_budget_and_improvement(table):
                                 .repeat(191, axis=-1))
 
 
+@pytest.mark.slow
 def test_evolution_budget_and_improvement(table):
   result = bl.search_batch(evolution.AgingEvolution(), table.by_code('cifar10'), [12, 150],
                            range(10))
@@ -191,6 +193,7 @@ def test_evolution_budget_and_improvement(table):
     evolution.AgingEvolution(population=3, sample=4)
 
 
+@pytest.mark.slow
 def test_datasets_are_lanes_of_one_search(table):
   tables = np.stack([table.by_code(d) for d in ('cifar10', 'imagenet16')])
   both = bl.search_batch(local_search.LocalSearch(), tables, 30, range(3))
@@ -200,6 +203,7 @@ def test_datasets_are_lanes_of_one_search(table):
   np.testing.assert_allclose(both.traces[0] - 40, both.traces[1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qlearner_respects_budget(table):
   result = bl.search_batch(qlearner.QLearner(), table.by_code('cifar10'), 40, range(4), batch=8)
   assert result.traces.shape == (1, 1, 4, 40)
@@ -209,6 +213,7 @@ def test_qlearner_respects_budget(table):
   assert trace.shape == (25,) and (np.diff(trace) >= 0).all()
 
 
+@pytest.mark.slow
 def test_qlearner_stops_at_iteration_cap(table):
   # ε = 0 and a tiny cap: the greedy agent resamples few cells and must stop anyway.
   greedy = qlearner.QLearner(schedule=agent_lib.EpsilonSchedule(((0.0, 1),)))
@@ -218,6 +223,7 @@ def test_qlearner_stops_at_iteration_cap(table):
   assert (result.queries < 200).all() and result.traces.shape == (1, 1, 3, 200)
 
 
+@pytest.mark.slow
 def test_qlearner_finds_planted_optimum(table):
   # A faster learner (α=0.3) on the additive landscape, the paper's schedule shortened to
   # the budget: the greedy phase must reach the all-nor_conv_3x3 cell, which uniform
@@ -248,6 +254,7 @@ def test_noise_sigma_is_k_times_the_spread_of_the_top_tenth():
   assert bl.noise_sigmas(table, 0.0)[0] == 0
 
 
+@pytest.mark.slow
 def test_without_noise_the_kept_cell_is_the_best_trained(table):
   result = bl.search_batch(local_search.LocalSearch(), table.by_code('cifar10'), 40, range(6))
   np.testing.assert_array_equal(result.kept, result.traces)
@@ -264,6 +271,7 @@ def test_noise_changes_what_is_kept_not_what_a_blind_search_trains(table):
   assert (noisy.queries == 60).all()
 
 
+@pytest.mark.slow
 def test_the_confirm_rule_spends_the_budget_on_reevaluations(table):
   acc = table.by_code('cifar10')
   agent = qlearner.fast_qlearner(60, tried_capacity=130)

@@ -195,6 +195,7 @@ def _stack_later_blocks(variables, spec):
   return out
 
 
+@pytest.mark.slow
 def test_scan_computes_the_same_function():
   spec = architecture.cifar_spec(INCEPTION, 3, 4, 10, image_size=8)
   plain, scanned = networks.BlockNet(spec), networks.BlockNet(spec, scan_blocks=True)
@@ -225,6 +226,7 @@ def test_train_updates_batch_stats(scan):
   assert all(jax.tree.leaves(moved))  # every BN of every block, scanned ones included
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_float32_params_and_logits():
   spec = architecture.cifar_spec(RESIDUAL, 2, 4, 10, image_size=8)
   model = networks.BlockNet(spec, dtype=jnp.bfloat16, scan_blocks=True)
@@ -245,6 +247,7 @@ def test_bfloat16_activations_float32_params_and_logits():
   chex.assert_trees_all_close(logits, reference, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow
 def test_real_init_draws_distinct_scanned_blocks():
   # split_rngs: the stacked blocks get their own random kernels, not one copy. (An rbg key
   # because compiling threefry for every parameter takes ~9 s on CPU; the split is the same.)

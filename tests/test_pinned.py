@@ -38,6 +38,7 @@ def _digest(workdir) -> str:
   return hashlib.sha256(json.dumps(sorted(rows)).encode()).hexdigest()[:16]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('preset', sorted(PINNED))
 def test_a_short_search_samples_what_it_always_sampled(preset, tmp_path):
   settings = SearchSettings.from_config(_short(preset))

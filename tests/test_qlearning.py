@@ -82,6 +82,7 @@ def test_update_three_layers_by_hand(space4):
                              [0.68125, 0.625, 0.4], rtol=1e-6)
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=15, deadline=None)
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), shaping=st.booleans(),
                   max_index=st.integers(2, 5))
@@ -108,6 +109,7 @@ def test_batch_update_equals_dict_oracle(seed, shaping, max_index):
       np.testing.assert_allclose(float(q[s, a]), value, rtol=1e-5)
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(seed=st.integers(0, 2**31 - 1), max_index=st.integers(2, 7),
                   epsilon=st.sampled_from([0.0, 0.3, 1.0]))
@@ -193,6 +195,7 @@ def test_memory_is_a_ring_buffer(space4):
   np.testing.assert_array_equal(memory.rewards, [5.0, 6.0, 3.0, 4.0])
 
 
+@pytest.mark.slow
 def test_learn_is_remember_update_replay(space4):
   key = jax.random.PRNGKey(4)
   traj = ql.sample_blocks(key, ql.init_q(space4), space4, 1.0, 5)

@@ -224,6 +224,7 @@ def test_epsilon_phases(workdir):
   assert phases == [analysis.Phase(1.0, 0, 3), analysis.Phase(0.5, 4, 5), analysis.Phase(0.1, 6, 7)]
 
 
+@pytest.mark.slow
 def test_report_files(written, workdir):
   out = workdir / 'report'
   assert written == out / 'summary.md'
@@ -298,6 +299,7 @@ def sampled_block(num_layers: int) -> nsc.Block:
   pytest.skip(f'no {num_layers}-layer block sampled')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['residual', 'inception', 'sampled20'])
 def test_draw_block(name, tmp_path):
   block = {'residual': lambda: nsc.RESIDUAL_BLOCK, 'inception': lambda: nsc.INCEPTION_BLOCK,
@@ -370,6 +372,7 @@ def test_all_failed_still_reports(tmp_path):
     assert_png(tmp_path / 'report' / f'{name}.png', min_side=300)
 
 
+@pytest.mark.slow
 def test_command_line(workdir, tmp_path):
   root = Path(__file__).resolve().parents[1]
   run = lambda *args: subprocess.run([sys.executable, '-m', 'experiments.report', *args],

@@ -113,6 +113,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_runs_end_to_end_and_writes_final_json(finished):
   workdir, summary, epochs = finished
   final = json.loads((workdir / 'final.json').read_text())
@@ -132,6 +133,7 @@ def test_runs_end_to_end_and_writes_final_json(finished):
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2']
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_scalars(finished):
   workdir, summary, _ = finished
   scalars = _scalars(workdir / 'tensorboard')
@@ -168,6 +170,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(finished, search_dir, tmp_p
   assert again.final_train_loss == second.final_train_loss
 
 
+@pytest.mark.slow
 def test_changed_config_on_a_workdir_is_refused(finished, search_dir, tmp_path):
   workdir = finished[0]
   config = _tiny_config(search_dir)

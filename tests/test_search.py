@@ -84,6 +84,7 @@ def _rows(workdir):
   return rows, next_iteration, arrays
 
 
+@pytest.mark.slow
 def test_search_records_every_candidate_and_never_trains_a_block_twice(tmp_path):
   executor = ScoringExecutor()
   summary = _search(_config(), tmp_path, executor, progress=False)
@@ -319,6 +320,7 @@ class _AheadCountingExecutor(ThreadedScoringExecutor):
     return handed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('staleness', [0, 2])
 def test_asynchronous_search_samples_the_same_blocks_whatever_the_timing(tmp_path, staleness):
   config = _config(iterations=((1.0, 3), (0.5, 3), (0.1, 3)), blocks=6, max_index=5)
@@ -339,6 +341,7 @@ def test_asynchronous_search_samples_the_same_blocks_whatever_the_timing(tmp_pat
   np.testing.assert_array_equal(arrays['q'], arrays2['q'])
 
 
+@pytest.mark.slow
 def test_asynchronous_search_resumes_exactly(tmp_path):
   config = _config(iterations=((1.0, 3), (0.5, 3), (0.1, 3)), blocks=6, max_index=5)
   config.search.max_staleness = 2
@@ -402,6 +405,7 @@ def _strategy_config(name, staleness):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('staleness', [0, 1])
 @pytest.mark.parametrize('name', sorted(_STRATEGIES))
 def test_every_strategy_resumes_exactly(tmp_path, name, staleness):
@@ -426,6 +430,7 @@ def test_every_strategy_resumes_exactly(tmp_path, name, staleness):
       np.testing.assert_array_equal(arrays[key], ref_arrays[key])
 
 
+@pytest.mark.slow
 def test_strategies_differ_and_the_paper_agent_is_the_default(tmp_path):
   sampled = {}
   for name in ('qlearning', 'random', 'evolution'):
@@ -516,6 +521,7 @@ def test_a_search_stops_at_its_budget_of_distinct_candidates_and_stays_stopped(t
   assert again.submitted == [] and resumed.candidates == summary.candidates
 
 
+@pytest.mark.slow
 def test_the_progress_bar_counts_what_ends_the_search_and_resumes_where_it_was(tmp_path,
                                                                                 capsys):
   """With a budget the bar counts trainings (re-evaluations too) up to the budget; a resumed

@@ -28,6 +28,7 @@ def test_the_drawn_blocks_are_distinct_and_legal():
     nsc.validate(block, settings.space)
 
 
+@pytest.mark.slow
 def test_search_figures_are_read_from_the_store(tmp_path):
   config = smoke.smoke_config([])
   config.space.max_index = 4

@@ -76,6 +76,7 @@ def _run(strategy, space, asks: int, n: int = N, seed: int = 0, reward=_reward):
 
 # -- the interface ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES)
 def test_every_strategy_proposes_legal_nsc_blocks(name, nsc_space):
   strategy = _make(name)
@@ -90,6 +91,7 @@ def test_every_strategy_proposes_legal_nsc_blocks(name, nsc_space):
       assert (row[length:] == row[length]).all()  # padded with the terminal
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES)
 def test_every_strategy_runs_on_nb201(name, nb_space):
   _, proposals = _run(_make(name), nb_space, asks=5)
@@ -99,6 +101,7 @@ def test_every_strategy_runs_on_nb201(name, nb_space):
     assert all(len(c) == 6 for c in cells)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES)
 def test_saved_state_gives_identical_next_proposals(name, nsc_space, tmp_path):
   strategy = _make(name)
@@ -123,6 +126,7 @@ def test_restore_rejects_mismatched_state(nsc_space, nb_space):
     state_lib.restore_state(strategy, nb_space, arrays)
 
 
+@pytest.mark.slow
 def test_asks_are_deterministic_given_the_key(nsc_space):
   strategy = _make('qlearning_fast')
   state = strategy.init(nsc_space, jax.random.PRNGKey(0))
@@ -143,6 +147,7 @@ def test_registry():
 
 # -- the paper's agent, bit for bit -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_paper_preset_is_todays_agent_bit_for_bit(nsc_space):
   """The search loop's calls, key for key: sample_blocks at the schedule's ε, then learn."""
   strategy = registry.make_strategy('qlearning_paper')
@@ -193,6 +198,7 @@ def _one_layer_apart(a: nsc.Block, b: nsc.Block) -> bool:
   return len(long) == len(short) + 1 and long[:len(short)] == short
 
 
+@pytest.mark.slow
 def test_nsc_neighbours_and_mutations_are_valid_and_one_layer_away(nsc_space):
   paths = ql.sample_blocks(jax.random.PRNGKey(2), ql.init_q(nsc_space), nsc_space, 1.0, 40)
   valid = np.asarray(paths_lib.path_valid(nsc_space, paths.states, paths.lengths))
@@ -245,6 +251,7 @@ def test_random_search_is_uniform_over_nb201_cells(nb_space):
 
 # -- evolution, local search, the fast agent --------------------------------------------------
 
+@pytest.mark.slow
 def test_evolution_population_is_the_last_p_told(nb_space):
   strategy = evolution.AgingEvolution(population=5, sample=3)
   state, proposals = _run(strategy, nb_space, asks=4)
@@ -268,6 +275,7 @@ def test_evolution_children_are_one_edge_from_a_member(nb_space):
     assert any(sum(a != b for a, b in zip(child, m)) == 1 for m in members)
 
 
+@pytest.mark.slow
 def test_local_search_moves_to_first_better_and_restarts_at_local_optimum():
   space = nb201.build_nb201_space()
   strategy = local_search.LocalSearch()
@@ -302,11 +310,13 @@ def planted():
   return _planted(np.asarray([nb201.code_ops(int(c)) for c in codes]))
 
 
+@pytest.mark.slow
 def test_local_search_finds_the_optimum_of_a_synthetic_table(planted):
   result = bl.search_batch(local_search.LocalSearch(), planted, 150, range(8))
   assert np.isclose(result.traces[0, 0, :, -1], planted.max()).all()
 
 
+@pytest.mark.slow
 def test_local_search_finds_the_optimum_of_a_tiny_nsc_table():
   grammar = nsc.Grammar(max_index=3, conv_kernels=(1, 3), layer_types=(1, 4))
   space = space_lib.build_space(grammar)
@@ -325,6 +335,7 @@ def test_local_search_finds_the_optimum_of_a_tiny_nsc_table():
   assert best == max(table.values())
 
 
+@pytest.mark.slow
 def test_fast_agent_climbs_without_repeats(nb_space, planted):
   strategy = _make('qlearning_fast')
   reward = lambda states: planted[np.asarray(nb201.path_codes(states))] / 100
@@ -358,6 +369,7 @@ def test_canonical_keys_of_proposals_match_their_blocks(nsc_space):
         canonical.canonical_block(block))
 
 
+@pytest.mark.slow
 def test_ask_returns_the_same_state_object_unless_it_can_move(nb_space):
   key = jax.random.PRNGKey(0)
   for strategy, moves in ((qlearner.QLearner(), False),
@@ -391,6 +403,7 @@ def test_key_hash_is_equal_exactly_for_equivalent_blocks(nsc_space):
   assert (raw[0] != raw[2]).any()
 
 
+@pytest.mark.slow
 def test_the_fast_agent_never_proposes_a_block_equivalent_to_one_it_was_told(nsc_space):
   strategy = registry.make_strategy('qlearning_fast', budget=48, tried_capacity=256)
   reward = lambda states: np.asarray(

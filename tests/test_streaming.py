@@ -90,6 +90,7 @@ def test_a_block_trains_on_streamed_batches(stream):
   assert result.params == cost.network_params(spec)
 
 
+@pytest.mark.slow
 def test_divergence_in_a_stream_is_a_failed_result(stream):
   # Adam steps of 1e38 overflow float32 within the first epoch (1e30 only reaches 1e29).
   result = _trainer(stream, _config(learning_rate=1e38, epochs=1, batch_size=10)
@@ -163,6 +164,7 @@ def test_real_jpegs_stream_from_the_cifar10_tar(shared_data):
   assert 0 <= result.val_accuracy <= 1 and result.images_per_s > 0
 
 
+@pytest.mark.slow
 def test_a_streamed_candidate_stops_at_a_rung_and_its_stream_stops_decoding(stream):
   trainer = _trainer(stream, _config(epochs=3))
   scored = trainer.evaluate(SMALL, seed=0, lines=StopLines((1, 2), (-math.inf, -math.inf)))

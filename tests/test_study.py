@@ -82,6 +82,7 @@ def _run_noisy(study, stop_after=None):
   return told
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('strategy', ['qlearning_fast', 'qlearning', 'random', 'evolution',
                                       'local_search'])
 def test_a_study_runs_to_its_budget_and_reports_like_a_search(strategy, tmp_path):
@@ -100,6 +101,7 @@ def test_a_study_runs_to_its_budget_and_reports_like_a_search(strategy, tmp_path
   assert curve.best[-1] == pytest.approx(max(r[3] for r in told))
 
 
+@pytest.mark.slow
 def test_trials_told_in_any_order_give_the_same_study(tmp_path):
   for name, order in (('asked', None), ('reverse', 'reverse')):
     with _open(tmp_path / name, max_staleness=1) as study:
@@ -107,6 +109,7 @@ def test_trials_told_in_any_order_give_the_same_study(tmp_path):
   assert _rows(tmp_path / 'asked')[0] == _rows(tmp_path / 'reverse')[0]
 
 
+@pytest.mark.slow
 def test_several_trials_are_out_at_once_and_ask_waits_for_a_tell(tmp_path):
   with _open(tmp_path, max_staleness=1) as study:
     out = list(iter(study.ask, None))
@@ -180,6 +183,7 @@ def test_a_failed_trial_is_recorded_with_its_reason(tmp_path):
     assert row.failure_reason.startswith('out of memory')
 
 
+@pytest.mark.slow
 def test_reopened_with_other_settings_is_refused_and_one_at_a_time(tmp_path):
   _open(tmp_path).close()
   with pytest.raises(ConfigMismatch, match='search.budget'):
@@ -252,6 +256,7 @@ def test_a_study_killed_at_any_moment_resumes_exactly(strategy, tmp_path):
 
 # -- the confirm rule: re-evaluations and the kept block ----------------------------------------
 
+@pytest.mark.slow
 def test_the_confirm_rule_hands_out_reevaluations_and_keeps_what_the_evidence_supports(
     tmp_path):
   with _open(tmp_path, strategy='qlearning_fast', budget=24, confirm=3) as study:
@@ -280,6 +285,7 @@ def test_the_confirm_rule_hands_out_reevaluations_and_keeps_what_the_evidence_su
     assert study.kept() == kept and study.done
 
 
+@pytest.mark.slow
 def test_the_report_and_the_retraining_take_the_kept_block(tmp_path):
   from blockqnn_jax.report import page  # pylint: disable=import-outside-toplevel
   from blockqnn_jax.settings.final import FinalSettings  # pylint: disable=import-outside-toplevel
@@ -314,6 +320,7 @@ def test_without_the_rule_the_kept_block_is_the_best_single_reward(tmp_path):
   assert (kept.canonical_key, kept.reward) == (best.canonical_key, best.reward)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stops', [(3,), (7, 4), ('again', 'again', 5, 'again')])
 def test_interrupted_during_confirmation_a_study_resumes_exactly(stops, tmp_path):
   with _open(tmp_path / 'whole', strategy='qlearning_fast', budget=24, confirm=3) as study:
@@ -351,6 +358,7 @@ def test_the_readme_example_runs_as_written_from_an_empty_folder(tmp_path):
   json.dumps(done.stdout)
 
 
+@pytest.mark.slow
 def test_the_readme_early_stopping_example_runs_as_written_and_stops_losers(tmp_path):
   code = _readme_examples()[1]
   assert 'study.report(' in code and 'stopped=True' in code

@@ -77,6 +77,7 @@ def trainer(splits):
   return candidate_lib.CandidateTrainer(group, s.train, s.reward, s.network)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_everything(trainer):
   result = trainer.evaluate(RESIDUAL)
   assert result.ok, result.failure_reason
@@ -103,11 +104,13 @@ def test_reward_floor_and_plain_accuracy():
   assert results.compute_reward(0.7, 1000, 100, 2.0, search.RewardConfig(0, 0)) == 0.7
 
 
+@pytest.mark.slow
 def test_training_learns_the_easy_task(trainer):
   result = trainer.evaluate(RESIDUAL, seed=1)
   assert result.ok and result.val_accuracy > 0.9, result
 
 
+@pytest.mark.slow
 def test_equivalent_block_reuses_the_compiled_programs(trainer):
   swapped = nsc.parse('1,4,0,0,0 2,1,3,1,0 3,1,3,2,0 4,5,0,3,1 5,7,0,0,0')  # add preds swapped
   trainer.evaluate(RESIDUAL)
@@ -121,6 +124,7 @@ def test_invalid_block_is_a_failed_result(trainer):
   assert result.failure_reason.startswith('invalid block: layer 2: kernel 4')
 
 
+@pytest.mark.slow
 def test_divergence_is_a_failed_result(splits):
   # Adam steps of 1e30 overflow float32 within the first epoch.
   result = _evaluate(SMALL, _config(learning_rate=1e30, epochs=1), splits)
@@ -159,6 +163,7 @@ def test_eight_candidates_on_eight_devices(splits):
   assert len({r.device for r in results}) >= 4  # spread over the devices, not queued on one
 
 
+@pytest.mark.slow
 def test_executor_answers_even_what_it_cannot_evaluate(splits):
   """Not a block at all: a failed result, and the worker thread stays alive for the next."""
   with _executor(splits, _config(epochs=1), jax.local_devices()[:1],
@@ -178,6 +183,7 @@ def test_data_parallel_matches_single_device(splits, trainer):
   assert abs(four.val_accuracy - one.val_accuracy) <= 2 / 64  # at most two images differ
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache(trainer, tmp_path):
   """A second compile of the same candidate, with a cold in-memory cache, reads the disk."""
   compile_cache.enable_persistent_compilation_cache(tmp_path)
@@ -403,6 +409,7 @@ def test_a_candidate_scored_at_rungs_trains_as_without_and_stops_below_a_line(tr
   assert early.stopped_at == 2 and early.rung_scores == {2: scored.rung_scores[2]}
 
 
+@pytest.mark.slow
 def test_the_scanned_loop_stops_at_the_same_rung_with_the_same_score(splits, trainer):
   lines = StopLines((3,), (INF,))
   steps = trainer.evaluate(SMALL, seed=2, lines=lines)
@@ -414,6 +421,7 @@ def test_the_scanned_loop_stops_at_the_same_rung_with_the_same_score(splits, tra
   assert abs(steps.val_accuracy - scan.val_accuracy) <= 1 / 64  # at most one image differs
 
 
+@pytest.mark.slow
 def test_the_executor_hands_a_jobs_lines_to_its_trainer(splits):
   config = _config(epochs=3)
   with _executor(splits, config, jax.local_devices()[:1]) as executor:
