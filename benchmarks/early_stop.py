@@ -61,6 +61,9 @@ _REPORT_ONLY = flags.DEFINE_bool('es_report_only', False, 'Only the tables.')
 _RETRAIN = flags.DEFINE_bool('es_retrain', False, "Each search's kept block at the high "
                              'fidelity (3 seeds), from the fidelity cache or trained; without '
                              'it the tables leave that column empty.')
+_PRICED_BY = flags.DEFINE_list('es_priced_by', list(VARIANTS), 'The variants whose searches '
+                                'set the pooled prices (leave out one that ran on a busy '
+                                'machine).')
 _FIDELITY_CACHE = flags.DEFINE_string('es_fidelity_cache', 'results/fidelity/cache.sqlite',
                                       "The high fidelity's cache (benchmarks.fidelity's).")
 
@@ -244,14 +247,14 @@ def report(retrain: bool) -> dict[str, Any]:
                          [str(root / f'eval_cache_{v}.sqlite') for v in VARIANTS])
   rows = {run: trained_rows(w) for run, w in workdirs.items()}
   taus = kendall({s: r for (v, s), r in rows.items() if v == 'full'})
-  price = prices(rows)
+  price = prices({(v, s): r for (v, s), r in rows.items() if v in _PRICED_BY.value})
   speed = {(v, s): throughput(r, v, price) for (v, s), r in rows.items() if r}
   kept_blocks = {run: k for run, k in kept(workdirs).items() if k is not None}
   accs = high_fidelity(sorted({k.block for k in kept_blocks.values()})) if retrain else {}
   summary = {v: compare(v, speed, kept_blocks, accs) for v in VARIANTS if v != 'full'}
   data = dict(
       epochs=EPOCHS, variants={v: list(o) for v, o in VARIANTS.items()}, kendall_tau=taus,
-      prices=price,
+      prices=price, priced_by=[f'{v}_seed{s}' for (v, s) in rows if v in _PRICED_BY.value],
       searches={f'{v}_seed{s}': dict(
           **speed.get((v, s), {}),
           kept=kept_blocks[(v, s)].block if (v, s) in kept_blocks else None,
@@ -300,8 +303,9 @@ def markdown(data: dict[str, Any]) -> list[str]:
     at = ', '.join(f'{r:.2f}×' for r in m['priced_ratio'])
     lines += ['', f'Candidates per hour, `{variant}` over `full`, seed by seed: {per} '
               f'(mean {m["candidates_per_hour_ratio_mean"]:.2f}×) as measured; {at} (mean '
-              f'{m["priced_ratio_mean"]:.2f}×) at the prices pooled over all '
-              f'{len(data["searches"])} searches ({p["epoch_s"]:.2f} s an epoch, '
+              f'{m["priced_ratio_mean"]:.2f}×) at the prices pooled over the '
+              f'{len(data["priced_by"])} searches of {", ".join(_PRICED_BY.value)} '
+              f'({p["epoch_s"]:.2f} s an epoch, '
               f'{p["validation_s"]:.2f} s a validation, {p["other_s"]:.2f} s the rest of a '
               f'candidate: compile-ahead hid the compile behind the previous training), which '
               f'count only the epochs and validations each candidate needed, not the load on '
