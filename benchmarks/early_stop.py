@@ -20,7 +20,7 @@ the high fidelity of ``benchmarks.fidelity`` from three seeds.
 
   mkdir -p data && cp ../shared/data/cifar10-exact-subset.npz data/
   python -m benchmarks.early_stop                         # run (or continue) the searches
-  python -m benchmarks.early_stop --es_report_only --es_retrain   # the tables only
+  python -m benchmarks.early_stop --es_report_only --es_retrain --es_priced_by=full,stop  # tables
 """
 
 from __future__ import annotations
