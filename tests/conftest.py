@@ -33,18 +33,18 @@ def shared_data() -> Path:
   return path
 
 
-_quick_but_slow: dict[str, float] = {}
+_unmarked_seconds: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
   if report.when in ('setup', 'call') and 'slow' not in report.keywords:
-    _quick_but_slow[report.nodeid] = _quick_but_slow.get(report.nodeid, 0.0) + report.duration
+    _unmarked_seconds[report.nodeid] = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):
   """Names the unmarked tests that took longer than ``QUICK_LIMIT_S`` (a hint: the
   machine may only have been busy)."""
-  over = sorted(((s, n) for n, s in _quick_but_slow.items() if s > QUICK_LIMIT_S),
+  over = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > QUICK_LIMIT_S),
                 reverse=True)
   if over:
     terminalreporter.write_sep('-', f'not marked slow, over {QUICK_LIMIT_S:.0f} s')
