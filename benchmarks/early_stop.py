@@ -12,6 +12,9 @@ rule, the first ~10% of the budget random):
   the rung (``search.early_stop.window``): lines that follow the agent's proposals as they
   get better.
 
+The report also replays each pruned variant's rule on the ``full`` searches (the same
+blocks, judged after the fact): what it would stop and which block it would keep.
+
 Each variant has an evaluation cache of its own, so every candidate is trained by the search
 that records it and the candidates per hour are the search's own. Then it writes
 ``results/early_stop/early_stop.md`` and ``.json``: tau per rung, epochs and wall seconds per
@@ -95,6 +98,15 @@ def run_searches() -> None:
             flush=True)
 
 
+def distinct_rows(w: Path) -> list:
+  """The successful candidates of the search in ``w``, each distinct block once (those it
+  trained and those another search sharing its cache trained; not the reuses of a block it
+  had already scored)."""
+  from blockqnn_jax.storage import store as store_lib  # pylint: disable=import-outside-toplevel
+  with store_lib.ResultsStore.open_read_only(w) as store:
+    return [c for c in store.candidates() if c.ok and not c.cached]
+
+
 # The fractions promoted that the rung table tries on the blocks trained to the end.
 FRACTIONS = {'third': 1 / 3, 'half': 1 / 2}
 
@@ -131,6 +143,44 @@ def kendall(full: dict[str, list]) -> dict[str, Any]:
         tau_pooled=float(stats.kendalltau(*pooled).statistic),
         top5_kept=kept_top, blocks=len(pooled[0]))
   return out
+
+
+def early_stop_of(variant: str):
+  """The ``EarlyStop`` settings ``variant`` searches with (its ``search.early_stop.*``
+  options on the defaults)."""
+  from blockqnn_jax.settings.search import EarlyStop  # pylint: disable=import-outside-toplevel
+  prefix = 'search.early_stop.'
+  fields = dict(o[len(prefix):].split('=', 1) for o in VARIANTS[variant] if o.startswith(prefix))
+  return EarlyStop(rungs=tuple(int(r) for r in fields.get('rungs', '()').strip('()').split(',')
+                               if r), **{k: (float if k == 'promote' else int)(v)
+                                         for k, v in fields.items() if k != 'rungs'})
+
+
+def replay(rows: list, early_stop) -> dict[str, Any]:
+  """``early_stop``'s rule applied after the fact to a search that trained every candidate
+  to the end and scored it at every rung (``full``).
+
+  Candidates in the order they were proposed; each is judged against the rung scores of the
+  earlier iterations' candidates as the rule would have left them (a stopped candidate has
+  no score beyond its rung), as ``strategies.rungs.stop_lines`` decides in a search with
+  ``max_staleness`` 0. What it cannot show: a search that stops learns from other rewards,
+  so it would propose other blocks. Returns the epochs per candidate, how many stop, and the
+  block it would keep (the best final reward among those not stopped) with that block's
+  rank among the final rewards of all candidates (1: the best).
+  """
+  from blockqnn_jax.strategies import rungs  # pylint: disable=import-outside-toplevel
+  rows = sorted(rows, key=lambda c: (c.iteration, c.position))
+  reached, stops = [], []
+  for c in rows:
+    history = [h for h, other in zip(reached, rows) if other.iteration < c.iteration]
+    at = rungs.stop_lines(history, early_stop).first_stop(c.rung_scores)
+    stops.append(at)
+    reached.append({r: v for r, v in c.rung_scores.items() if at is None or r <= at})
+  finished = [c for c, at in zip(rows, stops) if at is None]
+  best = max(finished, key=lambda c: c.reward)
+  return dict(candidates=len(rows), stopped=sum(at is not None for at in stops),
+              epochs_per_candidate=float(np.mean([at or EPOCHS for at in stops])),
+              kept=best.block, kept_rank=1 + sum(c.reward > best.reward for c in rows))
 
 
 def _epochs(c) -> int:
@@ -252,6 +302,9 @@ def report(retrain: bool) -> dict[str, Any]:
   kept_blocks = {run: k for run, k in kept(workdirs).items() if k is not None}
   accs = high_fidelity(sorted({k.block for k in kept_blocks.values()})) if retrain else {}
   summary = {v: compare(v, speed, kept_blocks, accs) for v in VARIANTS if v != 'full'}
+  proposed = {s: distinct_rows(w) for (v, s), w in workdirs.items() if v == 'full'}
+  replays = {v: {s: replay(r, early_stop_of(v)) for s, r in proposed.items()}
+             for v in VARIANTS if v != 'full'}
   data = dict(
       epochs=EPOCHS, variants={v: list(o) for v, o in VARIANTS.items()}, kendall_tau=taus,
       prices=price, priced_by=[f'{v}_seed{s}' for (v, s) in rows if v in _PRICED_BY.value],
@@ -261,7 +314,8 @@ def report(retrain: bool) -> dict[str, Any]:
           kept_reward=kept_blocks[(v, s)].reward if (v, s) in kept_blocks else None,
           kept_high_fidelity=accs.get(kept_blocks[(v, s)].block) if (v, s) in kept_blocks
           else None) for (v, s) in workdirs},
-      summary={v: m for v, m in summary.items() if m['seeds']})
+      summary={v: m for v, m in summary.items() if m['seeds']},
+      replay={v: r for v, r in replays.items() if r})
   (root / 'early_stop.json').write_text(json.dumps(data, indent=1) + '\n')
   (root / 'early_stop.md').write_text('\n'.join(markdown(data)) + '\n')
   print((root / 'early_stop.md').read_text())
@@ -297,6 +351,17 @@ def markdown(data: dict[str, Any]) -> list[str]:
                  f'{s["compile_s_per_candidate"]:.1f} | {s["candidates_per_hour"]:.0f} | '
                  f'{s["priced_candidates_per_hour"]:.0f} | '
                  f'`{s["kept"]}` | {s["kept_reward"]:.4f} | {acc_text} |')
+  if data.get('replay'):
+    lines += ['', '### The rules replayed on `full`', '',
+              "Each pruned variant's rule applied after the fact to the `full` searches' "
+              'candidates in proposal order (`replay`: the same blocks, so it shows what the '
+              'rule stops and keeps, not the other blocks a pruned search would propose):', '',
+              '| rule | seed | candidates | stopped | epochs / candidate | kept block | '
+              'its rank among the final rewards |', '|---|---|---|---|---|---|---|']
+    for variant, per_seed in data['replay'].items():
+      for seed, r in per_seed.items():
+        lines.append(f'| {variant} | {seed} | {r["candidates"]} | {r["stopped"]} | '
+                     f'{r["epochs_per_candidate"]:.2f} | `{r["kept"]}` | {r["kept_rank"]} |')
   p = data['prices']
   for variant, m in data['summary'].items():
     per = ', '.join(f'{r:.2f}×' for r in m['candidates_per_hour_ratio'])

@@ -72,3 +72,23 @@ def test_the_report_reads_tau_rates_and_kept_blocks_from_the_stores(tmp_path):
   assert list(data['summary']) == ['stop']  # no 'window' searches here
   text = (tmp_path / 'early_stop.md').read_text()
   assert '| stop_seed0 | 6 | 3 | 2.50 | 20 |' in text and '1.51×' in text
+
+
+def test_a_rule_replayed_stops_keeps_and_prices_as_worked_out_by_hand():
+  from types import SimpleNamespace
+  from benchmarks import early_stop
+  from blockqnn_jax.settings.search import EarlyStop
+  assert early_stop.early_stop_of('window') == EarlyStop(rungs=(1, 2), promote=0.25, window=8)
+  # (iteration, rung 1, rung 2, final) of candidates A-F, the better half going on.
+  rows = [SimpleNamespace(block=name, iteration=it, position=i, rung_scores={1: r1, 2: r2},
+                          reward=final)
+          for i, (name, it, r1, r2, final) in enumerate([
+              ('A', 0, 0.5, 0.55, 0.6), ('B', 0, 0.3, 0.35, 0.4), ('C', 1, 0.45, 0.99, 0.9),
+              ('D', 1, 0.6, 0.7, 0.5), ('E', 2, 0.35, 0.2, 0.7), ('F', 2, 0.55, 0.6, 0.65)])]
+  got = early_stop.replay(rows[::-1], EarlyStop(rungs=(1, 2), promote=0.5, min_history=2))
+  # Iteration 1 against A, B: rung 1's line 0.5 stops C; D passes both lines (0.5, 0.55).
+  # Iteration 2 against A-D: rung 1's line 0.5 (second of .6 .5 .45 .3) stops E; rung 2's
+  # is the second of .7 .55 .35 (C stopped at rung 1: its .99 is no score of the rule's),
+  # 0.55, which F's 0.6 passes.
+  assert got == dict(candidates=6, stopped=2, epochs_per_candidate=(4 * 4 + 1 + 1) / 6,
+                     kept='F', kept_rank=3)  # F's 0.65 below C's 0.9 and E's 0.7
