@@ -102,8 +102,7 @@ def main(argv):
                  checked.reference.final_loss)
     if not locked:  # only now is the workdir made (with its lock held): no half-made one
       holding.enter_context(workdir_lock.WorkdirLock(workdir, purpose='search'))
-    # Programs of candidates in flight at a kill are reloaded, not recompiled, on resume.
-    compile_cache = workdir.resolve() / 'compile_cache'
+    compile_cache = compile_cache_lib.search_directory(workdir)
     compile_cache_lib.enable_persistent_compilation_cache(compile_cache)
     shared = search_lib.open_eval_cache(settings, splits, jax.default_backend())
     if shared is not None:

@@ -1,10 +1,15 @@
-"""Suite-wide set-up: XLA's CPU backend at -O1, eight fake CPU devices, the shared real data
-when it exists, and a note of the quick subset's tests that have grown slow."""
+"""Suite-wide set-up: XLA's CPU backend at -O1, one compilation cache for the run, eight fake
+CPU devices, the shared real data when it exists, and a note of the quick subset's tests that
+have grown slow."""
 
+import atexit
 import os
 from pathlib import Path
+import shutil
+import tempfile
 
 import chex
+import jax
 import pytest
 
 # Must run before any test touches a JAX backend; subprocesses inherit both flags.
@@ -13,6 +18,18 @@ import pytest
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = ' '.join(
       [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=1']).strip()
+# One persistent compilation cache for the whole run, which subprocesses (searches,
+# benchmarks, the notebook) inherit: a program several tests compile (the smoke preset's
+# blocks, a module's candidate) compiles once. Empty at the start, so a run is timed cold;
+# a cache the caller set wins.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix='blockqnn-tests-xla-cache-')
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache_dir
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+  jax.config.update('jax_compilation_cache_dir', _cache_dir)  # jax read the variables before
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 chex.set_n_cpu_devices(8)
 
 # A test not marked slow should take at most this long (call and set-up) on a 2-core CPU,

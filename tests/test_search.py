@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,6 +26,7 @@ from blockqnn_jax.settings.agent import AgentSettings
 from blockqnn_jax.settings.search import SearchSettings
 from blockqnn_jax.storage import store as store_lib
 from blockqnn_jax.storage.results import EvalResult
+from blockqnn_jax.training import compile_cache
 from configs import cifar
 
 
@@ -251,7 +253,19 @@ def test_the_readme_search_command_runs(tmp_path):
                        timeout=300, cwd=root, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'BLOCK = ' in (tmp_path / 'export' / 'network.py').read_text()
-  assert any((tmp_path / 'compile_cache').iterdir())  # the persistent compilation cache
+  # The persistent compilation cache: the workdir's, or the suite's (conftest).
+  assert any(compile_cache.search_directory(tmp_path).iterdir())
+
+
+def test_a_search_keeps_its_programs_in_the_users_jax_cache_else_in_its_workdir(tmp_path):
+  previous = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert compile_cache.search_directory(tmp_path) == tmp_path.resolve() / 'compile_cache'
+    jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'mine'))
+    assert compile_cache.search_directory(tmp_path) == tmp_path / 'mine'
+  finally:
+    jax.config.update('jax_compilation_cache_dir', previous)
 
 
 class ThreadedScoringExecutor(ScoringExecutor):

@@ -186,6 +186,7 @@ def test_data_parallel_matches_single_device(splits, trainer):
 @pytest.mark.slow
 def test_persistent_compilation_cache(trainer, tmp_path):
   """A second compile of the same candidate, with a cold in-memory cache, reads the disk."""
+  suite_cache = jax.config.jax_compilation_cache_dir  # conftest's, for the tests after
   compile_cache.enable_persistent_compilation_cache(tmp_path)
   try:
     fresh = lambda: candidate_lib.CandidateTrainer(trainer.group, trainer.train_config,
@@ -197,7 +198,7 @@ def test_persistent_compilation_cache(trainer, tmp_path):
     assert not cached_in_memory
     assert set(p.name for p in tmp_path.iterdir()) == written  # nothing compiled anew
   finally:
-    compile_cache.enable_persistent_compilation_cache(None)
+    compile_cache.enable_persistent_compilation_cache(suite_cache)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+from pathlib import Path
 import threading
 from typing import Any
 
@@ -86,3 +87,11 @@ def enable_persistent_compilation_cache(directory: str | None) -> None:
   jax.config.update('jax_compilation_cache_dir', None if directory is None else str(directory))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def search_directory(workdir: str | Path) -> Path:
+  """Where a search keeps its compiled programs (so that those of the candidates in flight
+  at a kill are reloaded, not recompiled, on resume): JAX's own cache when the user keeps
+  one (``JAX_COMPILATION_CACHE_DIR``), which searches then share for the blocks they have
+  in common; else ``WORKDIR/compile_cache``."""
+  return Path(jax.config.jax_compilation_cache_dir or Path(workdir).resolve() / 'compile_cache')
