@@ -22,7 +22,8 @@ def test_the_gpu_preset_is_the_papers_search_with_the_fast_agent_and_a_budget():
   changed = base.differences(paper, gpu)
   assert {k.split('.')[0] for k in changed} == {'preset', 'agent', 'search'}
   assert {k for k in changed if k.startswith('search.')} == {
-      'search.epsilon_schedule', 'search.budget', 'search.confirm', 'search.early_stop.rungs'}
+      'search.epsilon_schedule', 'search.budget', 'search.confirm', 'search.early_stop.rungs',
+      'search.early_stop.promote', 'search.early_stop.window'}
   assert gpu.search.budget == 1000 and gpu.search.distinct_budget == 1000
   assert gpu.agent == agent.FAST_AGENT
   # The fast agent confirms a challenger before keeping it; the paper's never retrains.
@@ -34,9 +35,12 @@ def test_the_gpu_preset_is_the_papers_search_with_the_fast_agent_and_a_budget():
   assert gpu.search.schedule.num_iterations * gpu.search.blocks_per_iteration >= 1500
   assert (gpu.network.num_blocks, gpu.network.features, gpu.train.epochs,
           gpu.train.batch_size) == (2, 32, 12, 256)
-  # Early stopping at a quarter and at half of the 12 epochs, half going on at each; the
-  # paper trains every candidate to the end.
-  assert (gpu.search.early_stop.rungs, gpu.search.early_stop.promote) == ((3, 6), 0.5)
+  # Early stopping at a quarter and at half of the 12 epochs, the best quarter of the last
+  # iteration's worth of candidates going on at each (the rule measured at the cpu preset);
+  # the paper trains every candidate to the end.
+  early = gpu.search.early_stop
+  assert (early.rungs, early.promote, early.window) == ((3, 6), 0.25, 64)
+  assert early.window == gpu.search.blocks_per_iteration
   assert not paper.search.early_stop.active
 
 

@@ -65,8 +65,11 @@ def test_steady_state_shares_halve_at_each_rung_and_sum_to_one():
   assert rungs.outcome_shares(0, 0.5) == (1.0,)
   third = rungs.outcome_shares(2, 1 / 3)
   assert third == pytest.approx((2 / 3, 2 / 9, 1 / 9)) and sum(third) == pytest.approx(1)
-  # The gpu preset: rungs at 3 and 6 of 12, half going on: 6 epochs a candidate.
+  # Rungs at 3 and 6 of 12: with half going on, 6 epochs a candidate; with the gpu preset's
+  # quarter, 3 + 3/4 + 6/16 = 4.125.
   shares = rungs.outcome_shares(2, 0.5)
   assert sum(s * e for s, e in zip(shares, (3, 6, 12))) == 6
+  shares = rungs.outcome_shares(2, 0.25)
+  assert sum(s * e for s, e in zip(shares, (3, 6, 12))) == pytest.approx(4.125)
   with pytest.raises(ValueError):
     rungs.outcome_shares(1, 0.0)

@@ -40,7 +40,7 @@ jax version, each section's time and budget, and the exact settings):
   time over candidate time, ``outside_train_share`` is everything that is not training
   steps (compile, validation, set-up) over candidate time.
 * ``early_stop``: candidates/hour with and without the gpu preset's early stopping
-  (``search.early_stop``: rungs at epochs 3 and 6 of 12, half promoted at each). One block
+  (``search.early_stop``: rungs at epochs 3 and 6 of 12, a quarter promoted at each). One block
   on one trainer, cold, then from its programs: plain, stopped at each rung, and to the end
   scored at every rung; a steady-state search stops ``1 - promote`` of the candidates at
   each rung (``rungs.outcome_shares``), so a candidate costs its compile plus those shares
