@@ -26,6 +26,7 @@ and ``results/fidelity.png``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -55,6 +56,9 @@ _FIDELITIES = flags.DEFINE_list(
 _HIGH = flags.DEFINE_string('high', fidelities.HIGH, 'The high fidelity, MAX_TRAIN:EPOCHS:FEATURES.')
 _NUM = flags.DEFINE_integer('num_blocks', 40, 'Blocks drawn.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the draw of blocks.')
+_MAX_INDEX = flags.DEFINE_integer('max_index', 0, "Draw from the cpu preset's space cut to "
+                                  'this many layer indices (a smaller space enumerates '
+                                  "faster); 0: the preset's.")
 _CACHE = flags.DEFINE_string('cache', 'results/fidelity/cache.sqlite',
                              'Evaluation cache (resumable; shared by the fidelities).')
 _OUT = flags.DEFINE_string('out', 'results', 'Where fidelity.json and fidelity.png go.')
@@ -149,10 +153,12 @@ def summarize(name: str, spec: str, rewards: np.ndarray, accuracies: np.ndarray,
 def main(argv):
   del argv
   grammar = SearchSettings.from_config(cifar.get_config('cpu')).space
+  if _MAX_INDEX.value:
+    grammar = dataclasses.replace(grammar, max_index=_MAX_INDEX.value)
   t0 = time.perf_counter()
   space_blocks = canonical_blocks(grammar)
-  print(f'the cpu space: {len(space_blocks)} distinct canonical blocks '
-        f'({time.perf_counter() - t0:.0f} s to enumerate)', flush=True)
+  print(f'the cpu space (T = {grammar.max_index}): {len(space_blocks)} distinct canonical '
+        f'blocks ({time.perf_counter() - t0:.0f} s to enumerate)', flush=True)
   rng = np.random.default_rng(_SEED.value)
   blocks = [space_blocks[i] for i in sorted(rng.choice(len(space_blocks), _NUM.value,
                                                        replace=False))]

@@ -161,7 +161,7 @@ def test_two_searches_at_once_in_real_processes_share_one_cache(tmp_path):
   either of them trained is stored once, and each search records it as stored."""
   cache_path = tmp_path / 'cache.sqlite'
   common = ['--noprogress', f'--config.search.eval_cache={cache_path}', '--config.search.blocks_per_iteration=3',
-            '--config.search.epsilon_schedule=((1.0,2),(0.1,1))', '--config.train.epochs=1',
+            '--config.search.epsilon_schedule=((1.0,1),(0.1,1))', '--config.train.epochs=1',
             '--config.space.max_index=3', '--config.data.max_train=400',
             '--config.data.validation_size=100', '--config.data.holdout_seed=0']
   procs = [subprocess.Popen([sys.executable, '-m', 'experiments.search',

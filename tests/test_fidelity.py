@@ -60,7 +60,8 @@ def test_a_run_on_a_handful_of_blocks_writes_its_figures(shared_data, tmp_path):
              y_train=full['y_train_subset'][:1800], x_test=full['x_test_subset'],
              y_test=full['y_test_subset'])
   command = [sys.executable, '-m', 'benchmarks.fidelity', f'--data={small_npz}',
-             '--num_blocks=3', '--fidelities=preset,small=1500:1:4', '--high=2500:1:4',
+             '--num_blocks=3', '--max_index=4', '--fidelities=preset,small=1500:1:4',
+             '--high=2500:1:4',
              f'--high_data=npz:{npz}', f'--cache={tmp_path / "cache.sqlite"}',
              f'--out={tmp_path}']
   done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -69,6 +70,8 @@ def test_a_run_on_a_handful_of_blocks_writes_its_figures(shared_data, tmp_path):
   assert (tmp_path / 'fidelity.png').stat().st_size > 10_000
   assert [f['name'] for f in report['fidelities']] == ['preset', 'small']
   assert len({b['canonical_key'] for b in report['blocks']}) == 3
+  # Drawn from the cpu space cut to 4 layer indices: a terminal at index 4 at the latest.
+  assert all(len(nsc.parse(b['nsc']).layers) <= 4 for b in report['blocks'])
   rows = report['blocks']
   high = [b['high_reward'] for b in rows]
   # Each fidelity's τ is the mean over its two seeds of τ against the high fidelity; the
