@@ -98,25 +98,17 @@ def run_searches() -> None:
             flush=True)
 
 
-def distinct_rows(w: Path) -> list:
-  """The successful candidates of the search in ``w``, each distinct block once (those it
-  trained and those another search sharing its cache trained; not the reuses of a block it
-  had already scored)."""
-  from blockqnn_jax.storage import store as store_lib  # pylint: disable=import-outside-toplevel
-  with store_lib.ResultsStore.open_read_only(w) as store:
-    return [c for c in store.candidates() if c.ok and not c.cached]
-
-
 # The fractions promoted that the rung table tries on the blocks trained to the end.
 FRACTIONS = {'third': 1 / 3, 'half': 1 / 2}
 
 
-def trained_rows(w: Path) -> list:
-  """The candidates the search in ``w`` trained itself (not reused from an identical block
-  or from another seed's search through the shared cache), successful ones."""
+def trained_rows(w: Path, shared: bool = False) -> list:
+  """The successful candidates of the search in ``w`` that it trained itself: not reused
+  from an identical block it had scored, nor (unless ``shared``) from another search
+  through the shared cache."""
   from blockqnn_jax.storage import store as store_lib  # pylint: disable=import-outside-toplevel
   with store_lib.ResultsStore.open_read_only(w) as store:
-    return [c for c in store.candidates() if c.ok and not c.cached and not c.shared]
+    return [c for c in store.candidates() if c.ok and not c.cached and (shared or not c.shared)]
 
 
 def kendall(full: dict[str, list]) -> dict[str, Any]:
@@ -146,14 +138,11 @@ def kendall(full: dict[str, list]) -> dict[str, Any]:
 
 
 def early_stop_of(variant: str):
-  """The ``EarlyStop`` settings ``variant`` searches with (its ``search.early_stop.*``
-  options on the defaults)."""
-  from blockqnn_jax.settings.search import EarlyStop  # pylint: disable=import-outside-toplevel
-  prefix = 'search.early_stop.'
-  fields = dict(o[len(prefix):].split('=', 1) for o in VARIANTS[variant] if o.startswith(prefix))
-  return EarlyStop(rungs=tuple(int(r) for r in fields.get('rungs', '()').strip('()').split(',')
-                               if r), **{k: (float if k == 'promote' else int)(v)
-                                         for k, v in fields.items() if k != 'rungs'})
+  """The ``EarlyStop`` settings ``variant`` searches with."""
+  from benchmarks import fixtures  # pylint: disable=import-outside-toplevel
+  from blockqnn_jax.settings.search import SearchSettings  # pylint: disable=import-outside-toplevel
+  config = fixtures.preset_config('cpu', VARIANTS[variant])
+  return SearchSettings.from_config(config).search.early_stop
 
 
 def replay(rows: list, early_stop) -> dict[str, Any]:
@@ -302,7 +291,8 @@ def report(retrain: bool) -> dict[str, Any]:
   kept_blocks = {run: k for run, k in kept(workdirs).items() if k is not None}
   accs = high_fidelity(sorted({k.block for k in kept_blocks.values()})) if retrain else {}
   summary = {v: compare(v, speed, kept_blocks, accs) for v in VARIANTS if v != 'full'}
-  proposed = {s: distinct_rows(w) for (v, s), w in workdirs.items() if v == 'full'}
+  proposed = {s: trained_rows(w, shared=True) for (v, s), w in workdirs.items()
+              if v == 'full'}
   replays = {v: {s: replay(r, early_stop_of(v)) for s, r in proposed.items()}
              for v in VARIANTS if v != 'full'}
   data = dict(

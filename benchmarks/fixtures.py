@@ -1,4 +1,13 @@
-"""Blocks the benchmarks time, in one place (no flags: any benchmark may import this)."""
+"""What the benchmarks share, in one place (no flags: any benchmark may import this): the
+blocks they time, how a data flag reads, and a preset with changes applied."""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+from configs import cifar
 
 # Small to large: one conv, the residual block, the Inception-like block, a deep mixed block.
 BLOCKS = (
@@ -15,3 +24,22 @@ def data_source(spec: str) -> tuple[str, str | None]:
   ``'npz:data/cifar10-exact-subset.npz'``), as ``(source, path or None)``."""
   source, _, path = spec.partition(':')
   return source, path or None
+
+
+def preset_config(preset: str, changes) -> ml_collections.ConfigDict:
+  """``configs/cifar.py``'s ``preset`` with ``changes`` (``FIELD=VALUE``, the value a Python
+  literal or else a string) applied; an unknown field is a ValueError."""
+  config = cifar.get_config(preset)
+  for change in changes:
+    field, _, text = change.partition('=')
+    *parents, name = field.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    if name not in node:
+      raise ValueError(f'{change}: no config field {field}')
+    try:
+      node[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      node[name] = text  # a string field
+  return config

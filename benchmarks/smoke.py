@@ -23,7 +23,6 @@ Two parts, printed and written to ``results/smoke.json`` (``--json``):
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 from pathlib import Path
@@ -36,7 +35,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from benchmarks import fidelity
+from benchmarks import fidelity, fixtures
 from blockqnn_jax.data import search_data
 from blockqnn_jax.executors import local as local_executor
 from blockqnn_jax.nsc import canonical
@@ -63,26 +62,9 @@ CHANCE = 0.1  # ten digit classes
 REPLICATES = (0, 1)  # a candidate's first evaluation and its first re-evaluation
 
 
-def _value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a string field
-
-
 def smoke_config(changes: list[str]):
   """The smoke preset with ``changes`` (``FIELD=VALUE``) applied."""
-  config = cifar.get_config('smoke')
-  for change in changes:
-    field, _, text = change.partition('=')
-    *parents, name = field.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    if name not in node:
-      raise ValueError(f'--set={change}: no config field {field}')
-    node[name] = _value(text)
-  return config
+  return fixtures.preset_config('smoke', changes)
 
 
 def drawn_blocks(settings: SearchSettings, n: int, seed: int):
