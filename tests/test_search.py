@@ -1,6 +1,7 @@
 """The search loop: resume after an interrupt (also a real kill -9), reuse, config guard."""
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -9,6 +10,7 @@ import os
 from pathlib import Path
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -471,6 +473,33 @@ def test_a_workdir_saved_before_strategies_resumes_as_the_paper_agent(tmp_path):
   ref_rows, _, ref_arrays = _rows(tmp_path / 'reference')
   assert rows == ref_rows
   np.testing.assert_array_equal(arrays['q'], ref_arrays['q'])
+
+
+def test_a_store_being_created_shows_another_process_no_tables_or_all_of_them(
+    tmp_path, monkeypatch):
+  """A reader that opens the store while the search is creating it (the kill -9 test polls
+  this way) must not find a half-made schema, which it would refuse as someone else's data."""
+  connect, seen = sqlite3.connect, []
+
+  def look(statement):  # runs as each statement of the creating connection starts
+    if statement.lstrip().upper().startswith('CREATE'):
+      with contextlib.closing(connect(tmp_path / store_lib.DB_NAME)) as other:
+        seen.append({r[0] for r in other.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")} - {'sqlite_sequence'})
+
+  def watched(*args, **kwargs):
+    db = connect(*args, **kwargs)
+    db.set_trace_callback(look)
+    return db
+
+  monkeypatch.setattr(sqlite3, 'connect', watched)
+  store_lib.ResultsStore(tmp_path).close()
+  monkeypatch.undo()
+  with contextlib.closing(sqlite3.connect(tmp_path / store_lib.DB_NAME)) as db:
+    every_table = {r[0] for r in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")} - {'sqlite_sequence'}
+  assert len(seen) >= 6 and {'meta', 'candidates'} <= every_table
+  assert all(tables in (set(), every_table) for tables in seen), seen
 
 
 def test_the_agent_state_is_stored_compressed_and_read_back_exactly(tmp_path):

@@ -184,10 +184,10 @@ class ResultsStore(LockedDatabase):
         self._check_not_foreign()  # before anything is written: a bad file stays as it was
         self._db.execute('PRAGMA journal_mode=WAL')  # readers (the report) never block
         self._db.execute('PRAGMA synchronous=FULL')
-        with self._lock:
-          self._db.executescript(_schema())
-          self._db.execute('INSERT OR IGNORE INTO meta VALUES (?, ?)',
-                           ('schema_version', str(SCHEMA_VERSION)))
+        with self._lock:  # one transaction: a reader sees no tables or all of them
+          self._db.executescript(
+              f'BEGIN IMMEDIATE;{_schema()}INSERT OR IGNORE INTO meta VALUES '
+              f"('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
           self._add_missing_columns()
       except sqlite3.DatabaseError as e:
         self._db.close()
