@@ -481,11 +481,14 @@ def test_a_store_being_created_shows_another_process_no_tables_or_all_of_them(
   this way) must not find a half-made schema, which it would refuse as someone else's data."""
   connect, seen = sqlite3.connect, []
 
+  def tables(connect_with):  # what a new connection to the store sees
+    with contextlib.closing(connect_with(tmp_path / store_lib.DB_NAME)) as db:
+      names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {r[0] for r in names} - {'sqlite_sequence'}
+
   def look(statement):  # runs as each statement of the creating connection starts
     if statement.lstrip().upper().startswith('CREATE'):
-      with contextlib.closing(connect(tmp_path / store_lib.DB_NAME)) as other:
-        seen.append({r[0] for r in other.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")} - {'sqlite_sequence'})
+      seen.append(tables(connect))
 
   def watched(*args, **kwargs):
     db = connect(*args, **kwargs)
@@ -495,9 +498,7 @@ def test_a_store_being_created_shows_another_process_no_tables_or_all_of_them(
   monkeypatch.setattr(sqlite3, 'connect', watched)
   store_lib.ResultsStore(tmp_path).close()
   monkeypatch.undo()
-  with contextlib.closing(sqlite3.connect(tmp_path / store_lib.DB_NAME)) as db:
-    every_table = {r[0] for r in db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'")} - {'sqlite_sequence'}
+  every_table = tables(sqlite3.connect)
   assert len(seen) >= 6 and {'meta', 'candidates'} <= every_table
   assert all(tables in (set(), every_table) for tables in seen), seen
 
